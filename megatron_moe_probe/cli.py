@@ -1,0 +1,54 @@
+"""`moe-probe`: one entry point, one subcommand per concern.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int`; the table below maps names to modules so that only the
+chosen subcommand's imports are paid for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_moe_probe.errors import UsageError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("megatron_moe_probe.demo", "tiny MoE training on CPU (2 ranks, EP=2) with the probe on"),
+    "recommend": ("megatron_moe_probe.selection.recommend", "which token dispatcher to use, and its flags"),
+    "render": ("megatron_moe_probe.recipes", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-probe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Arguments are registered lazily below, only for the chosen command.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # First pass: find the command without validating its arguments.
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help / the unknown-command error and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"moe-probe {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UsageError as exc:
+        print(f"moe-probe {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Everything that knows Megatron-Core internals lives in this subpackage."""

@@ -1,0 +1,1 @@
+"""Dispatcher selection: the skill card, the availability gate, hardware detection."""

@@ -1,0 +1,1 @@
+"""Writers: where interval reports go (local store, TensorBoard, wandb, console)."""
