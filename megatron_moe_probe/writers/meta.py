@@ -1,0 +1,86 @@
+"""Run metadata for the writers: args, versions, hardware, dispatcher.
+
+`collect_run_meta` gathers what a comparison between runs needs to know. It does
+not import torch or Megatron itself: it reports torch's devices only when torch is
+already imported by the caller (the training process), and versions from the
+installed distributions' metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+from megatron_moe_probe.writers.local import to_json_safe
+
+_DISTRIBUTIONS = (
+    "megatron-moe-probe",
+    "megatron-core",
+    "torch",
+    "transformer-engine",
+    "deep_ep",
+    "numpy",
+    "tensorboard",
+    "wandb",
+    "pyarrow",
+)
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in _DISTRIBUTIONS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                out["cuda"] = torch.version.cuda
+                out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            else:
+                out["gpus"] = []
+        except Exception as exc:  # noqa: BLE001 - metadata must never stop a run
+            out["gpus_error"] = f"{type(exc).__name__}: {exc}"
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID", "SLURM_NNODES"):
+        if var in os.environ:
+            out[var.lower()] = os.environ[var]
+    return out
+
+
+def collect_run_meta(
+    args: Any = None, *, dispatcher: str | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Metadata of this run as plain JSON data.
+
+    args: Megatron's argparse Namespace (or a dict); stored whole under "args".
+    dispatcher: the token dispatcher; defaults to args.moe_token_dispatcher_type.
+    extra: merged in at the top level (probe settings, recipe name, ...).
+    """
+    arg_dict = vars(args) if args is not None and not isinstance(args, dict) else (args or {})
+    meta: dict[str, Any] = {
+        "created": time.time(),
+        "command": list(sys.argv),
+        "dispatcher": dispatcher or arg_dict.get("moe_token_dispatcher_type"),
+        "versions": versions(),
+        "hardware": hardware(),
+        "args": to_json_safe(arg_dict),
+    }
+    if extra:
+        meta.update(to_json_safe(extra))
+    return meta
