@@ -1,0 +1,221 @@
+"""RoutingProbe: device-side accumulators for MoE routing, read once per log interval.
+
+No I/O and no Megatron imports: the Megatron adapter (megatron/hooks.py) calls
+`record_routing` / `record_capacity` from hooks, the training loop calls `step()`
+after each iteration, and `snapshot()` once per log interval. Everything on the
+hot path is an asynchronous device kernel (a sum and an add per MoE layer call);
+the only host synchronization is the one device->host copy inside `snapshot()`,
+after a single all-reduce of one flat int64 buffer.
+
+Counting rules (see docs/metrics.md):
+- counts are token->expert assignments made by the router, after capacity dropping
+  (padding added by `--moe-pad-expert-input-to-capacity` is not counted);
+- rows are global layer numbers, so pipeline stages and virtual stages fill disjoint rows;
+- ranks whose router sees a copy of another rank's tokens (tensor parallelism
+  without sequence parallelism) contribute with weight 0, every other rank is summed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("megatron_moe_probe")
+
+
+@dataclass(frozen=True)
+class ProbeLayout:
+    """What this rank needs to know to place its counts in the global picture."""
+
+    num_layer_slots: int  # rows of the count buffers: every global layer number (+ MTP layers)
+    num_experts: int
+    ep_size: int
+    ep_rank: int
+    # Locality class (stats.LOCAL / INTRA_NODE / INTER_NODE) of each destination EP rank, seen from here.
+    destination_locality: tuple[int, ...]
+    count_weight: int = 1  # 0 on tensor-parallel ranks that see duplicate tokens, else 1
+    gpus_per_node: int = 8
+
+    def __post_init__(self):
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"{self.num_experts} experts do not divide over EP={self.ep_size}")
+        if len(self.destination_locality) != self.ep_size:
+            raise ValueError("destination_locality needs one entry per EP rank")
+
+
+@dataclass
+class Snapshot:
+    """One interval's global counts (CPU tensors), produced by `RoutingProbe.snapshot`."""
+
+    step: int
+    steps: int  # iterations folded into the interval
+    layers: list[int]  # 1-based global layer numbers of the MoE layers that reported
+    num_experts: int
+    ep_size: int
+    tokens_per_expert: torch.Tensor  # [L, E] summed over the interval
+    step_tokens_per_expert: torch.Tensor  # [S, L, E], one row per step kept in history
+    source_expert_counts: torch.Tensor  # [L, EP_src, E]
+    locality: torch.Tensor  # [L, 3] local / intra-node / inter-node assignments
+    dropped_per_expert: Optional[torch.Tensor] = None  # [L, E]
+    dropped_per_source: Optional[torch.Tensor] = None  # [L, EP_src]
+    timing_ms: dict[str, torch.Tensor] = field(default_factory=dict)  # phase -> [L] mean ms per step
+    time: float = field(default_factory=time.time)
+    meta: dict = field(default_factory=dict)
+
+
+class RoutingProbe:
+    """Accumulates routing counts on the device.
+
+    history_steps bounds memory: per-step counts are kept for at most that many
+    steps per interval (the interval sums stay exact beyond it; the per-step
+    summaries then cover the most recent steps and `meta["history_folded"]` says so).
+    """
+
+    def __init__(
+        self,
+        layout: ProbeLayout,
+        device: torch.device | str = "cpu",
+        history_steps: int = 100,
+        track_capacity: bool = False,
+        reduce_group: Optional[dist.ProcessGroup] = None,
+    ):
+        if history_steps < 1:
+            raise ValueError("history_steps must be >= 1")
+        self.layout = layout
+        self.device = torch.device(device)
+        self.history_steps = history_steps
+        self.track_capacity = track_capacity
+        self.reduce_group = reduce_group
+        L, E = layout.num_layer_slots, layout.num_experts
+        self._history = torch.zeros(history_steps, L, E, dtype=torch.long, device=self.device)
+        self._folded = torch.zeros(L, E, dtype=torch.long, device=self.device)
+        self._dropped = torch.zeros(L, E, dtype=torch.long, device=self.device) if track_capacity else None
+        self._present = torch.zeros(L, dtype=torch.long, device=self.device)  # which layers this rank owns
+        self._slot = 0
+        self._steps = 0
+        self._folds = 0
+        self.step_number = 0
+        self.timers: list["PhaseTimer"] = []
+        # A dense class index per destination EP rank, used once per snapshot.
+        self._locality_onehot = torch.nn.functional.one_hot(
+            torch.tensor(layout.destination_locality, dtype=torch.long), 3
+        ).to(torch.long).to(self.device)
+
+    # ---- hot path (called from hooks; device kernels only) ----------------------------------
+
+    def register_layer(self, slot: int) -> None:
+        self._present[slot] = 1
+
+    def record_routing(self, slot: int, routing_map: torch.Tensor) -> None:
+        """Add one router call's [tokens, experts] boolean map to layer `slot`."""
+        self._history[self._slot, slot].add_(routing_map.sum(0))
+
+    def record_counts(self, slot: int, kept_per_expert: torch.Tensor, dropped_per_expert: torch.Tensor) -> None:
+        """Add counts computed elsewhere (capacity path: tokens kept and dropped per expert)."""
+        self._history[self._slot, slot].add_(kept_per_expert)
+        if self._dropped is not None:
+            self._dropped[slot].add_(dropped_per_expert)
+
+    # ---- per iteration (host only) -----------------------------------------------------------
+
+    def step(self) -> None:
+        """Close the current iteration. No host sync; a fold (device add) only when history is full."""
+        self._steps += 1
+        self.step_number += 1
+        self._slot += 1
+        if self._slot == self.history_steps:
+            self._folded.add_(self._history.sum(0))
+            self._history.zero_()
+            self._slot = 0
+            self._folds += 1
+
+    @property
+    def steps_in_interval(self) -> int:
+        return self._steps
+
+    # ---- once per interval -------------------------------------------------------------------
+
+    def snapshot(self, step: Optional[int] = None) -> Snapshot:
+        """Reduce over all ranks, copy to the host once, reset the interval. Collective:
+        every rank of `reduce_group` must call it at the same iteration."""
+        lay = self.layout
+        L, E, EP = lay.num_layer_slots, lay.num_experts, lay.ep_size
+        kept = self._slot  # rows of history that belong to steps after the last fold
+        hist = self._history[:kept]
+        interval = self._folded + hist.sum(0)  # [L, E] this rank's interval sum
+        source = torch.zeros(L, EP, E, dtype=torch.long, device=self.device)
+        source[:, lay.ep_rank] = interval
+        per_destination = interval.view(L, EP, E // EP).sum(-1)  # [L, EP]
+        locality = per_destination @ self._locality_onehot  # [L, 3]
+        parts = [hist.reshape(-1), source.reshape(-1), locality.reshape(-1)]
+        dropped = self._dropped
+        if dropped is not None:
+            dropped_source = torch.zeros(L, EP, E, dtype=torch.long, device=self.device)
+            dropped_source[:, lay.ep_rank] = dropped
+            parts.append(dropped_source.reshape(-1))
+        flat = torch.cat(parts + [self._present])
+        if lay.count_weight == 0:
+            flat[:-L].zero_()  # duplicate tokens (TP without SP): report layer ownership only
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat, group=self.reduce_group)
+        flat = flat.cpu()  # the one device->host copy of the interval
+
+        sizes = [kept * L * E, L * EP * E, L * 3] + ([L * EP * E] if dropped is not None else []) + [L]
+        chunks = [flat[a:b] for a, b in _split_sizes(sizes)]
+        hist_g = chunks[0].view(kept, L, E)
+        source_g = chunks[1].view(L, EP, E)
+        locality_g = chunks[2].view(L, 3)
+        present = chunks[-1] > 0
+        rows = present.nonzero().flatten()
+        snap = Snapshot(
+            step=self.step_number if step is None else step,
+            steps=self._steps,
+            layers=[int(r) + 1 for r in rows],
+            num_experts=E,
+            ep_size=EP,
+            tokens_per_expert=source_g.sum(1)[rows],
+            step_tokens_per_expert=hist_g[:, rows],
+            source_expert_counts=source_g[rows],
+            locality=locality_g[rows],
+            meta={"history_folded": self._folds > 0, "steps_in_history": kept},
+        )
+        if dropped is not None:
+            dropped_g = chunks[3].view(L, EP, E)[rows]
+            snap.dropped_per_expert = dropped_g.sum(1)
+            snap.dropped_per_source = dropped_g.sum(2)
+        for timer in self.timers:
+            snap.timing_ms.update(timer.read_and_reset(rows))
+        self._reset()
+        return snap
+
+    def _reset(self) -> None:
+        self._history.zero_()
+        self._folded.zero_()
+        if self._dropped is not None:
+            self._dropped.zero_()
+        self._slot = 0
+        self._steps = 0
+        self._folds = 0
+
+
+def _split_sizes(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+class PhaseTimer:
+    """Interface for timers that contribute `timing_ms` to a snapshot (see megatron/timing.py)."""
+
+    def read_and_reset(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+ErrorHandler = Callable[[BaseException], None]
