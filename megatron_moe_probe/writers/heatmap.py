@@ -56,9 +56,7 @@ def heatmap_figure(report: IntervalReport, *, title: str | None = None) -> Any:
 def _colormap() -> Any:
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("lightgrey")
-    return cmap
+    return matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 
 
 def heatmap_rgb(report: IntervalReport) -> Any:
