@@ -1,0 +1,716 @@
+"""Recipes: `recipes/*.yaml` -> Megatron-LM arguments and Megatron-Bridge overrides.
+
+A recipe names a model shape (with the source of every number), parallelism, a
+dispatcher (`auto` resolves through the skill card and the availability gate), probe
+settings and data. The schema is pydantic v2 with `extra="forbid"`: an error names the
+dotted field and, for enumerations, the allowed values.
+
+    render(recipe, availability=...)        Megatron-LM args for model/parallelism/dispatcher/data/training
+    probe_args(recipe)                      the probe's own flags (not known to Megatron's parser)
+    render(recipe, include_probe=True)      both
+    bridge_overrides(recipe, availability)  Megatron-Bridge `key=value` overrides
+
+`moe-probe render NAME[:VARIANT]` prints them; with `--out FILE` it writes only after
+everything validated (a temp file renamed into place: nothing half-written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
+from megatron_moe_probe.selection.card import REPO_ROOT, default_card, format_validation_error
+from megatron_moe_probe.selection.recommend import Query, Recommendation, flag_set, recommend
+
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Moe(_Strict):
+    num_experts: int = Field(ge=1)
+    router_topk: int = Field(ge=1)
+    ffn_hidden_size: int = Field(ge=1)
+    layer_freq: int | str = 1                      # int, or Megatron's "([0]*3+[1]*58)" pattern
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    router_pre_softmax: bool = False
+    router_topk_scaling_factor: float | None = None
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    router_enable_expert_bias: bool = False
+    router_dtype: Literal["fp32", "fp64"] | None = None
+    load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: float = 0.0
+    grouped_gemm: bool = False
+
+    @model_validator(mode="after")
+    def _topk(self) -> "Moe":
+        if self.router_topk > self.num_experts:
+            raise ValueError(f"router_topk ({self.router_topk}) exceeds num_experts ({self.num_experts})")
+        return self
+
+
+class Mla(_Strict):
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_head_dim: int
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+
+
+class Yarn(_Strict):
+    scaling_factor: float
+    original_max_position_embeddings: int
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+
+
+class LinearAttention(_Strict):
+    variant: Literal["gated_delta_net"]
+    freq: int = Field(ge=1)                       # one full-attention layer every `freq` layers
+    key_head_dim: int
+    value_head_dim: int
+    num_key_heads: int
+    num_value_heads: int
+    conv_kernel_dim: int = 4
+
+
+class Model(_Strict):
+    family: str
+    hf_id: str | None = None
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    ffn_hidden_size: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    vocab_size: int = Field(ge=1)
+    max_position_embeddings: int = Field(ge=1)
+    position_embedding: Literal["rope", "learned_absolute", "none"] = "rope"
+    rope_type: Literal["rope", "yarn"] | None = None
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    yarn: Yarn | None = None
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    qk_layernorm: bool = False
+    swiglu: bool = True
+    untie_embeddings: bool = True
+    add_bias_linear: bool = False
+    attention_output_gate: bool = False
+    mla: Mla | None = None
+    linear_attention: LinearAttention | None = None
+    mtp_num_layers: int | None = None
+    moe: Moe
+    extra_args: list[str] = []
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        fams = [f.id for f in default_card().model_families]
+        if v not in fams:
+            raise ValueError(f"unknown model family {v!r}; allowed: {', '.join(fams)}")
+        return v
+
+
+class Parallelism(_Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    cp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    etp: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    layers_per_virtual_stage: int | None = None
+    pipeline_layout: str | None = None
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class Training(_Strict):
+    micro_batch_size: int = Field(ge=1)
+    global_batch_size: int = Field(ge=1)
+    seq_length: int = Field(ge=1)
+    train_iters: int = Field(ge=1)
+    lr: float = 1e-4
+    min_lr: float | None = None
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    log_interval: int = Field(10, ge=1)
+    eval_iters: int = 0
+    eval_interval: int = 1000
+    transformer_impl: Literal["transformer_engine", "local"] = "transformer_engine"
+    extra_args: list[str] = []
+
+
+class Dispatcher(_Strict):
+    type: Literal["auto", "alltoall", "allgather", "flex"] = "auto"
+    backend: Literal["deepep", "hybridep", "ncclep"] | None = None
+    hardware: str = "unknown"
+    stage: Literal["bring-up", "performance"] = "performance"
+    precision: Literal["bf16", "fp8"] = "bf16"     # what the card's Qwen3-Next rows look at
+    memory_tight: bool = False
+    permute_fusion: Literal["auto", "on", "off"] = "auto"
+    num_sms: int | None = Field(None, ge=1)
+
+    @field_validator("hardware")
+    @classmethod
+    def _hw(cls, v: str) -> str:
+        card = default_card()
+        try:
+            return card.resolve_hardware(v)
+        except UsageError:
+            raise ValueError(f"unknown hardware {v!r}; allowed: {', '.join(card.hardware_ids)}") from None
+
+    @model_validator(mode="after")
+    def _backend(self) -> "Dispatcher":
+        if self.type == "flex" and self.backend is None:
+            raise ValueError("type 'flex' needs backend: one of 'deepep', 'hybridep', 'ncclep'")
+        if self.type != "flex" and self.backend is not None:
+            raise ValueError(f"backend {self.backend!r} only applies to type 'flex' (type is {self.type!r})")
+        return self
+
+    @property
+    def forced(self) -> str | None:
+        if self.type == "auto":
+            return None
+        return self.backend if self.type == "flex" else self.type
+
+
+Writer = Literal["local", "tensorboard", "wandb", "console"]
+
+
+class Probe(_Strict):
+    enabled: bool = True
+    interval: int | None = Field(None, ge=1)       # default: training.log_interval
+    dir: str | None = None                         # default: runs/moe-probe/<recipe>
+    writers: list[Writer] = ["local"]
+    timing: bool = False
+    gpus_per_node: int | None = Field(None, ge=1)  # default: parallelism.gpus_per_node
+
+
+class Tokenizer(_Strict):
+    type: Literal["NullTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer"] = "NullTokenizer"
+    model: str | None = None
+
+
+class Data(_Strict):
+    source: Literal["mock", "path"] = "mock"
+    paths: list[str] = []
+    split: str | None = None
+    tokenizer: Tokenizer = Tokenizer()
+
+    @model_validator(mode="after")
+    def _paths(self) -> "Data":
+        if self.source == "path" and not self.paths:
+            raise ValueError("source 'path' needs paths: [prefix, ...] (Megatron --data-path)")
+        if self.source == "mock" and self.paths:
+            raise ValueError("source 'mock' takes no paths (use source: path)")
+        if self.tokenizer.type != "NullTokenizer" and not self.tokenizer.model:
+            raise ValueError(f"tokenizer type {self.tokenizer.type!r} needs tokenizer.model")
+        return self
+
+
+class Bridge(_Strict):
+    recipe: str | None = None          # the Megatron-Bridge recipe the shape/parallelism follow
+    source: str | None = None
+
+
+class Recipe(_Strict):
+    name: str
+    description: str
+    sources: dict[str, str] = {}       # field -> where the number comes from
+    model: Model
+    parallelism: Parallelism
+    training: Training
+    dispatcher: Dispatcher = Dispatcher()
+    probe: Probe = Probe()
+    data: Data = Data()
+    bridge: Bridge = Bridge()
+    variants: dict[str, dict[str, Any]] = {}
+    variant: str | None = None         # set by the loader, not in files
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        p, m, t = self.parallelism, self.model, self.training
+        world = p.world_size
+        if p.ep > world:
+            raise ValueError(f"parallelism.ep={p.ep} is larger than the world ({p.nodes} node(s) x {p.gpus_per_node} GPUs = {world})")
+        if m.moe.num_experts % p.ep:
+            ok = [d for d in range(1, m.moe.num_experts + 1) if m.moe.num_experts % d == 0 and d <= world]
+            raise ValueError(
+                f"parallelism.ep={p.ep} does not divide model.moe.num_experts={m.moe.num_experts}; allowed EP: {', '.join(map(str, ok))}"
+            )
+        dense = p.tp * p.pp * p.cp
+        if world % dense:
+            raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {dense}")
+        expert = p.etp * p.ep * p.pp
+        if world % expert:
+            raise ValueError(f"world size {world} is not divisible by etp*ep*pp = {expert}")
+        dp = world // dense
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"training.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x data-parallel "
+                f"({t.micro_batch_size} x {dp})"
+            )
+        if m.num_attention_heads % p.tp:
+            raise ValueError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallelism.tp={p.tp}")
+        if t.seq_length > m.max_position_embeddings and m.position_embedding == "learned_absolute":
+            raise ValueError("training.seq_length exceeds model.max_position_embeddings")
+        if self.variants and self.variant is None:
+            for vname in self.variants:
+                if ":" in vname or not vname:
+                    raise ValueError(f"bad variant name {vname!r}")
+        return self
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallelism
+        return p.world_size // (p.tp * p.pp * p.cp)
+
+
+SCHEMA_MODELS: dict[tuple, type[BaseModel]] = {
+    (): Recipe, ("model",): Model, ("model", "moe"): Moe, ("model", "mla"): Mla, ("model", "yarn"): Yarn,
+    ("model", "linear_attention"): LinearAttention, ("parallelism",): Parallelism, ("training",): Training,
+    ("dispatcher",): Dispatcher, ("probe",): Probe, ("data",): Data, ("data", "tokenizer"): Tokenizer,
+    ("bridge",): Bridge,
+}
+
+
+# -- loading ------------------------------------------------------------------------
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def recipe_paths() -> list[Path]:
+    if not RECIPES_DIR.is_dir():
+        raise UsageError(f"recipes directory not found at {RECIPES_DIR} (the package expects the repository layout)")
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_names() -> list[str]:
+    try:
+        return [p.stem for p in recipe_paths()]
+    except UsageError:
+        return []
+
+
+def load_recipe_data(data: Any, what: str, variant: str | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise UsageError(f"{what}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    raw = dict(data)
+    variants = raw.get("variants") or {}
+    if variant is not None:
+        if not isinstance(variants, dict) or variant not in variants:
+            names = ", ".join(variants) if isinstance(variants, dict) and variants else "(none)"
+            raise UsageError(f"{what}: unknown variant {variant!r}; allowed: {names}")
+        over = variants[variant]
+        if not isinstance(over, dict):
+            raise UsageError(f"{what}: variant {variant!r} must be a mapping of overrides")
+        raw = _deep_merge(raw, over)
+        raw["variant"] = variant
+    elif "variant" in raw:
+        raise UsageError(f"{what}: field 'variant' is set by NAME:VARIANT, not in the file")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        label = f"{what}" + (f" (variant {variant})" if variant else "")
+        raise UsageError(format_validation_error(exc, f"recipe {label}", SCHEMA_MODELS)) from None
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    """NAME, NAME:VARIANT, or a path to a YAML file (optionally PATH:VARIANT)."""
+    s = str(spec)
+    variant = None
+    base = s
+    if ":" in s and not Path(s).exists():
+        base, _, variant = s.rpartition(":")
+    path = Path(base)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = RECIPES_DIR / f"{base}.yaml"
+        if not path.is_file():
+            raise UsageError(f"unknown recipe {base!r}; allowed: {', '.join(recipe_names()) or '(no recipes found)'} or a path to a .yaml file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"recipe {path}: not valid YAML: {exc}") from None
+    r = load_recipe_data(data, str(path), variant)
+    if path.parent == RECIPES_DIR and r.name != path.stem:
+        raise UsageError(f"recipe {path}: field 'name' is {r.name!r} but the file is {path.stem!r}.yaml")
+    return r
+
+
+def find_recipe_quiet(name: str) -> Recipe | None:
+    """A recipe whose file name matches `name` (case/punctuation-insensitive), or None."""
+    from megatron_moe_probe.selection.card import normalize_name
+
+    key = normalize_name(name)
+    for n in recipe_names():
+        if normalize_name(n) == key:
+            try:
+                return load_recipe(n)
+            except UsageError:
+                return None
+    return None
+
+
+def all_recipe_specs() -> list[str]:
+    """Every NAME and NAME:VARIANT in recipes/ (what CI validates)."""
+    out = []
+    for p in recipe_paths():
+        data = yaml.safe_load(p.read_text()) or {}
+        out.append(p.stem)
+        out.extend(f"{p.stem}:{v}" for v in (data.get("variants") or {}))
+    return out
+
+
+# -- dispatcher resolution -------------------------------------------------------------
+
+@dataclass
+class Resolved:
+    recommendation: Recommendation
+    backend: str                     # what the rendered args use
+    megatron_lm: list[str]
+    bridge: dict[str, Any]
+    env: dict[str, str]
+    notes: list[str]
+
+
+def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> Resolved:
+    card = default_card()
+    availability = availability or probe(card)
+    d, p = r.dispatcher, r.parallelism
+    hw = card.hardware_entry(d.hardware)
+    nvlink = hw.nvlink_domain if hw.nvl72 else min(p.gpus_per_node, hw.nvlink_domain or p.gpus_per_node)
+    q = Query(
+        hardware=d.hardware, ep=p.ep, model=r.model.family, stage=d.stage, gpus_per_node=p.gpus_per_node,
+        nodes=p.nodes, nvlink_domain=nvlink, precision=d.precision, memory_tight=d.memory_tight,
+        num_experts=r.model.moe.num_experts, tp=p.tp, force=d.forced,
+    )
+    rec = recommend(q, card, availability)
+    fs = rec.flags[rec.use] if rec.use in rec.flags else flag_set(card, rec.use, q, availability)
+    mlm = list(fs.megatron_lm)
+    bridge = dict(fs.bridge)
+    notes = [f"dispatcher: {rec.use}" + (f" (card rule {rec.rule.id})" if rec.rule else " (set in the recipe)")]
+    notes += rec.warnings
+    pf = card.permute_fusion
+    if d.permute_fusion == "off":
+        if pf.flag in mlm:
+            mlm.remove(pf.flag)
+        bridge[pf.bridge_key] = False
+        notes.append("permute fusion off (recipe)")
+    elif d.permute_fusion == "on":
+        if not availability.permute_fusion:
+            raise UsageError(f"recipe {r.full_name}: dispatcher.permute_fusion is 'on' but {availability.permute_fusion_detail}")
+        if pf.flag not in mlm:
+            mlm.append(pf.flag)
+        bridge[pf.bridge_key] = True
+    if d.num_sms is not None:
+        if card.backend(rec.use).dispatcher_type != "flex":
+            raise UsageError(f"recipe {r.full_name}: dispatcher.num_sms only applies to flex backends, resolved backend is {rec.use!r}")
+        if card.flex_num_sms_flag in mlm:
+            i = mlm.index(card.flex_num_sms_flag)
+            mlm[i + 1] = str(d.num_sms)
+        else:
+            mlm += [card.flex_num_sms_flag, str(d.num_sms)]
+        bridge[card.flex_num_sms_bridge_key] = d.num_sms
+    return Resolved(rec, rec.use, mlm, bridge, dict(fs.env), notes)
+
+
+# -- rendering -------------------------------------------------------------------------
+
+def _flag(args: list[str], name: str, value: Any) -> None:
+    if value is None or value is False:
+        return
+    if value is True:
+        args.append(name)
+    else:
+        args += [name, str(value)]
+
+
+def model_args(r: Recipe) -> list[str]:
+    m, a = r.model, []
+    _flag(a, "--num-layers", m.num_layers)
+    _flag(a, "--hidden-size", m.hidden_size)
+    _flag(a, "--ffn-hidden-size", m.ffn_hidden_size)
+    _flag(a, "--num-attention-heads", m.num_attention_heads)
+    if m.num_query_groups is not None and m.num_query_groups != m.num_attention_heads:
+        a.append("--group-query-attention")
+        _flag(a, "--num-query-groups", m.num_query_groups)
+    _flag(a, "--kv-channels", m.kv_channels)
+    _flag(a, "--max-position-embeddings", m.max_position_embeddings)
+    _flag(a, "--position-embedding-type", m.position_embedding)
+    if m.position_embedding == "rope":
+        _flag(a, "--rotary-base", m.rotary_base)
+        if m.rotary_percent != 1.0:
+            _flag(a, "--rotary-percent", m.rotary_percent)
+    _flag(a, "--rope-type", m.rope_type)
+    if m.yarn is not None:
+        y = m.yarn
+        _flag(a, "--rotary-scaling-factor", y.scaling_factor)
+        _flag(a, "--yarn-original-max-position-embeddings", y.original_max_position_embeddings)
+        _flag(a, "--mscale", y.mscale)
+        _flag(a, "--mscale-all-dim", y.mscale_all_dim)
+        _flag(a, "--yarn-beta-fast", y.beta_fast)
+        _flag(a, "--yarn-beta-slow", y.beta_slow)
+    _flag(a, "--normalization", m.normalization)
+    _flag(a, "--norm-epsilon", m.norm_epsilon)
+    _flag(a, "--qk-layernorm", m.qk_layernorm)
+    _flag(a, "--swiglu", m.swiglu)
+    _flag(a, "--untie-embeddings-and-output-weights", m.untie_embeddings)
+    if not m.add_bias_linear:
+        a.append("--disable-bias-linear")
+    _flag(a, "--attention-output-gate", m.attention_output_gate)
+    if m.mla is not None:
+        a.append("--multi-latent-attention")
+        _flag(a, "--q-lora-rank", m.mla.q_lora_rank)
+        _flag(a, "--kv-lora-rank", m.mla.kv_lora_rank)
+        _flag(a, "--qk-head-dim", m.mla.qk_head_dim)
+        _flag(a, "--qk-pos-emb-head-dim", m.mla.qk_pos_emb_head_dim)
+        _flag(a, "--v-head-dim", m.mla.v_head_dim)
+    if m.linear_attention is not None:
+        la = m.linear_attention
+        _flag(a, "--experimental-attention-variant", la.variant)
+        _flag(a, "--linear-attention-freq", la.freq)
+        _flag(a, "--linear-key-head-dim", la.key_head_dim)
+        _flag(a, "--linear-value-head-dim", la.value_head_dim)
+        _flag(a, "--linear-num-key-heads", la.num_key_heads)
+        _flag(a, "--linear-num-value-heads", la.num_value_heads)
+        _flag(a, "--linear-conv-kernel-dim", la.conv_kernel_dim)
+    _flag(a, "--mtp-num-layers", m.mtp_num_layers)
+    e = m.moe
+    _flag(a, "--num-experts", e.num_experts)
+    _flag(a, "--moe-router-topk", e.router_topk)
+    _flag(a, "--moe-ffn-hidden-size", e.ffn_hidden_size)
+    if e.layer_freq != 1:
+        _flag(a, "--moe-layer-freq", e.layer_freq)
+    _flag(a, "--moe-shared-expert-intermediate-size", e.shared_expert_intermediate_size)
+    _flag(a, "--moe-shared-expert-gate", e.shared_expert_gate)
+    _flag(a, "--moe-router-score-function", e.router_score_function)
+    _flag(a, "--moe-router-pre-softmax", e.router_pre_softmax)
+    _flag(a, "--moe-router-topk-scaling-factor", e.router_topk_scaling_factor)
+    _flag(a, "--moe-router-num-groups", e.router_num_groups)
+    _flag(a, "--moe-router-group-topk", e.router_group_topk)
+    _flag(a, "--moe-router-enable-expert-bias", e.router_enable_expert_bias)
+    _flag(a, "--moe-router-dtype", e.router_dtype)
+    _flag(a, "--moe-router-load-balancing-type", e.load_balancing_type)
+    _flag(a, "--moe-aux-loss-coeff", e.aux_loss_coeff)
+    _flag(a, "--moe-grouped-gemm", e.grouped_gemm)
+    a += m.extra_args
+    return a
+
+
+def parallel_args(r: Recipe) -> list[str]:
+    p, a = r.parallelism, []
+    _flag(a, "--tensor-model-parallel-size", p.tp)
+    _flag(a, "--pipeline-model-parallel-size", p.pp)
+    _flag(a, "--context-parallel-size", p.cp)
+    _flag(a, "--expert-model-parallel-size", p.ep)
+    _flag(a, "--expert-tensor-parallel-size", p.etp)
+    _flag(a, "--sequence-parallel", p.sequence_parallel)
+    _flag(a, "--num-layers-per-virtual-pipeline-stage", p.layers_per_virtual_stage)
+    _flag(a, "--pipeline-model-parallel-layout", p.pipeline_layout)
+    _flag(a, "--account-for-embedding-in-pipeline-split", p.account_for_embedding_in_pipeline_split)
+    _flag(a, "--account-for-loss-in-pipeline-split", p.account_for_loss_in_pipeline_split)
+    return a
+
+
+def training_args(r: Recipe) -> list[str]:
+    t, a = r.training, []
+    _flag(a, "--seq-length", t.seq_length)
+    _flag(a, "--micro-batch-size", t.micro_batch_size)
+    _flag(a, "--global-batch-size", t.global_batch_size)
+    _flag(a, "--train-iters", t.train_iters)
+    _flag(a, "--lr", t.lr)
+    _flag(a, "--min-lr", t.min_lr)
+    if t.precision != "fp32":
+        a.append(f"--{t.precision}")
+    _flag(a, "--log-interval", t.log_interval)
+    _flag(a, "--eval-iters", t.eval_iters)
+    _flag(a, "--eval-interval", t.eval_interval)
+    _flag(a, "--transformer-impl", t.transformer_impl)
+    a += t.extra_args
+    return a
+
+
+def data_args(r: Recipe) -> list[str]:
+    d, a = r.data, []
+    if d.source == "mock":
+        a.append("--mock-data")
+    else:
+        a += ["--data-path", *d.paths]
+        _flag(a, "--split", d.split)
+    _flag(a, "--tokenizer-type", d.tokenizer.type)
+    _flag(a, "--tokenizer-model", d.tokenizer.model)
+    if d.tokenizer.type == "NullTokenizer":
+        _flag(a, "--vocab-size", r.model.vocab_size)
+    return a
+
+
+def probe_args(r: Recipe) -> list[str]:
+    """The probe's own flags (`--moe-probe*`); empty when the recipe switches the probe off."""
+    pr = r.probe
+    if not pr.enabled:
+        return []
+    a = ["--moe-probe"]
+    _flag(a, "--moe-probe-interval", pr.interval or r.training.log_interval)
+    _flag(a, "--moe-probe-dir", pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}")
+    _flag(a, "--moe-probe-writers", ",".join(pr.writers))
+    _flag(a, "--moe-probe-timing", pr.timing)
+    _flag(a, "--moe-probe-gpus-per-node", pr.gpus_per_node or r.parallelism.gpus_per_node)
+    return a
+
+
+def render(r: Recipe, availability: Availability | None = None, include_probe: bool = False,
+           resolved: Resolved | None = None) -> list[str]:
+    """Megatron-LM arguments for the recipe (model, parallelism, dispatcher, training, data)."""
+    resolved = resolved or resolve_dispatcher(r, availability)
+    args = model_args(r) + parallel_args(r) + resolved.megatron_lm + training_args(r) + data_args(r)
+    if include_probe:
+        args += probe_args(r)
+    return args
+
+
+def bridge_overrides(r: Recipe, availability: Availability | None = None, resolved: Resolved | None = None) -> list[str]:
+    """Megatron-Bridge `key=value` overrides (Bridge model.* keys are TransformerConfig fields)."""
+    resolved = resolved or resolve_dispatcher(r, availability)
+    p, t, m = r.parallelism, r.training, r.model
+    ov: dict[str, Any] = {}
+    if r.bridge.recipe is None:  # no Bridge recipe to supply the shape: spell it out
+        ov.update({
+            "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+            "model.ffn_hidden_size": m.ffn_hidden_size, "model.num_attention_heads": m.num_attention_heads,
+            "model.num_query_groups": m.num_query_groups or m.num_attention_heads,
+            "model.num_moe_experts": m.moe.num_experts, "model.moe_router_topk": m.moe.router_topk,
+            "model.moe_ffn_hidden_size": m.moe.ffn_hidden_size, "model.vocab_size": m.vocab_size,
+        })
+    ov.update({
+        "model.tensor_model_parallel_size": p.tp, "model.pipeline_model_parallel_size": p.pp,
+        "model.context_parallel_size": p.cp, "model.expert_model_parallel_size": p.ep,
+        "model.expert_tensor_parallel_size": p.etp, "model.sequence_parallel": p.sequence_parallel,
+    })
+    ov.update(resolved.bridge)
+    ov.update({
+        "model.seq_length": t.seq_length, "dataset.sequence_length": t.seq_length,
+        "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
+        "train.train_iters": t.train_iters, "logger.log_interval": t.log_interval,
+    })
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in ov.items()]
+
+
+def _shell_lines(args: list[str]) -> str:
+    lines, cur = [], []
+    for a in args:
+        if a.startswith("--") and cur:
+            lines.append(" ".join(shlex.quote(x) for x in cur))
+            cur = []
+        cur.append(a)
+    if cur:
+        lines.append(" ".join(shlex.quote(x) for x in cur))
+    return " \\\n".join(lines)
+
+
+def render_document(r: Recipe, availability: Availability, fmt: str, include_probe: bool) -> str:
+    resolved = resolve_dispatcher(r, availability)
+    mlm = render(r, include_probe=False, resolved=resolved)
+    pargs = probe_args(r) if include_probe else []
+    bridge = bridge_overrides(r, resolved=resolved)
+    if fmt == "json":
+        return json.dumps({
+            "recipe": r.full_name, "world_size": r.parallelism.world_size,
+            "megatron_lm_args": mlm, "probe_args": pargs, "bridge_overrides": bridge,
+            "bridge_recipe": r.bridge.recipe, "env": resolved.env,
+            "dispatcher": resolved.recommendation.to_dict(), "notes": resolved.notes,
+        }, indent=2, default=str) + "\n"
+    head = [f"# recipe {r.full_name}: {r.description.strip().splitlines()[0]}",
+            f"# world size {r.parallelism.world_size} ({r.parallelism.nodes} node(s) x {r.parallelism.gpus_per_node} GPUs)"]
+    head += [f"# {n}" for n in resolved.notes]
+    head += [f"export {k}={v}" for k, v in resolved.env.items()]
+    out = list(head)
+    if fmt in ("megatron", "both"):
+        out.append(_shell_lines(mlm + pargs))
+    if fmt in ("bridge", "both"):
+        if fmt == "both":
+            out.append("")
+        out.append(f"# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
+        out.append(" \\\n".join(bridge))
+    return "\n".join(out) + "\n"
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="NAME, NAME:VARIANT or a path to a recipe .yaml")
+    p.add_argument("--list", action="store_true", help="list recipes and their variants")
+    p.add_argument("--format", choices=["megatron", "bridge", "both", "json"], default="megatron")
+    p.add_argument("--no-probe", action="store_true", help="leave out the probe's --moe-probe* flags")
+    p.add_argument("--assume-installed", default=None, metavar="LIST",
+                   help="resolve `auto` for another container: comma list (deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
+    p.add_argument("--out", default=None, help="write here instead of stdout (written only when everything validated)")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise UsageError(f"--out: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for spec in all_recipe_specs():
+            print(spec)
+        return 0
+    if not args.recipe:
+        raise UsageError("name a recipe (moe-probe render --list shows them)")
+    card = default_card()
+    availability = probe(card) if args.assume_installed is None else assumed(card, parse_backend_list(args.assume_installed))
+    r = load_recipe(args.recipe)
+    text = render_document(r, availability, args.format, include_probe=not args.no_probe)
+    if args.out:
+        write_atomic(Path(args.out), text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
