@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -497,9 +498,20 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def finished_wandb_records(path: Path, timeout: float = 20.0) -> list:
+    """Records once the file holds the run's exit record: wandb's service process may still
+    be writing the file for a moment after run.finish() has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def wandb_history(path: Path) -> dict[int, dict[str, object]]:
     history: dict[int, dict[str, object]] = {}
-    for record in read_wandb_records(path):
+    for record in finished_wandb_records(path):
         if record.WhichOneof("record_type") != "history":
             continue
         row: dict[str, object] = {}
