@@ -448,7 +448,11 @@ def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> R
         else:
             mlm += [card.flex_num_sms_flag, str(d.num_sms)]
         bridge[card.flex_num_sms_bridge_key] = d.num_sms
-    return Resolved(rec, rec.use, mlm, bridge, dict(fs.env), notes)
+    env = dict(fs.env)
+    if (p.tp > 1 or p.cp > 1) and hw.arch != "blackwell":
+        # Megatron's validate_args asserts this before Blackwell (arguments.py, 'CUDA_DEVICE_MAX_CONNECTIONS').
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    return Resolved(rec, rec.use, mlm, bridge, env, notes)
 
 
 # -- rendering -------------------------------------------------------------------------

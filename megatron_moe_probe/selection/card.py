@@ -402,17 +402,20 @@ def skill_tables(card: Card) -> dict[str, str]:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, list):
-        return "|".join(str(x) for x in v) if len(v) > 1 else str(v[0])
+        return "/".join(str(x) for x in v)
     if isinstance(v, bool):
         return str(v).lower()
     return str(v)
 
 
-MARKER_RE = re.compile(r"(<!-- card:(\w+) -->\n)(.*?)(\n<!-- /card:\2 -->)", re.S)
+MARKER_RE = re.compile(r"(<!-- card:(\w+) -->\n)(.*?)\n?(<!-- /card:\2 -->)", re.S)
 
 
-def write_skill_tables(card: Card, path: Path = SKILL_MD_PATH) -> bool:
-    """Rewrite the generated sections of SKILL.md; returns True when the file changed."""
+DOCS_PATH = REPO_ROOT / "docs" / "dispatchers.md"
+
+
+def write_skill_tables(card: Card, path: Path = SKILL_MD_PATH, require_all: bool = True) -> bool:
+    """Rewrite the generated sections of SKILL.md (or docs/dispatchers.md); True when the file changed."""
     text = path.read_text()
     tables = skill_tables(card)
     found: set[str] = set()
@@ -421,11 +424,11 @@ def write_skill_tables(card: Card, path: Path = SKILL_MD_PATH) -> bool:
         found.add(m.group(2))
         if m.group(2) not in tables:
             raise UsageError(f"{path}: unknown card section marker {m.group(2)!r}; known: {sorted(tables)}")
-        return m.group(1) + tables[m.group(2)] + m.group(4)
+        return m.group(1) + tables[m.group(2)] + "\n" + m.group(4)
 
     new = MARKER_RE.sub(sub, text)
     missing = set(tables) - found
-    if missing:
+    if require_all and missing:
         raise UsageError(f"{path}: missing card section markers: {sorted(missing)}")
     if new != text:
         tmp = path.with_suffix(".md.tmp")
@@ -444,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         card = load_card(args.card)
         print(f"card ok: {len(card.rules)} rules, {len(card.backends)} backends")
         if args.write_skill:
-            changed = write_skill_tables(card)
-            print("SKILL.md updated" if changed else "SKILL.md already up to date")
+            for path, req in ((SKILL_MD_PATH, True), (DOCS_PATH, False)):
+                if path.is_file():
+                    changed = write_skill_tables(card, path, require_all=req)
+                    print(f"{path.name} updated" if changed else f"{path.name} already up to date")
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -337,7 +337,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default="auto", help=f"auto (NVML / nvidia-smi) or one of: {', '.join(card.hardware_ids)}")
     p.add_argument("--ep", type=int, required=True, help="expert-parallel degree")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: detected, else the card's value for the hardware")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=None, help="default: the fewest nodes that hold the EP group")
     p.add_argument("--nvlink-domain", type=int, default=None, help="GPUs per NVLink domain (default: node for HGX, 72 for NVL72)")
     p.add_argument("--model", default="other", help="model family or recipe name (e.g. qwen3-30b-a3b, deepseek-v3, vlm, other)")
     p.add_argument("--stage", default="performance", choices=[s.id for s in card.stages])
@@ -373,9 +373,12 @@ def build_query(args: argparse.Namespace, card: Card, detector: Callable[[], Det
     fam, num_experts = resolve_model_and_experts(card, args.model, args.num_experts)
     topo = resolve_topology(card, args.hardware, args.gpus_per_node, args.nodes, args.nvlink_domain, detector)
     force = None if args.backend == "auto" else args.backend.lower()
+    nodes = topo.nodes
+    if args.nodes is None and topo.gpus_per_node and args.ep > 0:
+        nodes = max(1, -(-args.ep // topo.gpus_per_node))
     return Query(
         hardware=topo.hardware, ep=args.ep, model=fam, stage=args.stage, gpus_per_node=topo.gpus_per_node,
-        nodes=topo.nodes, nvlink_domain=topo.nvlink_domain, precision=args.precision,
+        nodes=nodes, nvlink_domain=topo.nvlink_domain, precision=args.precision,
         memory_tight=args.memory_tight, num_experts=num_experts, tp=args.tp, force=force,
     )
 

@@ -1,0 +1,111 @@
+"""SKILL.md, docs/dispatchers.md and the card cannot drift apart.
+
+The tables in SKILL.md are parsed back out of the markdown (independently of the code that
+wrote them) and compared with the card row by row; the front matter must match the card.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_moe_probe.selection.card import CARD_PATH, DOCS_PATH, SKILL_MD_PATH, load_card, skill_tables, write_skill_tables
+
+CARD = load_card()
+
+
+def front_matter(text: str) -> dict:
+    m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert m, "SKILL.md must start with YAML front matter"
+    return yaml.safe_load(m.group(1))
+
+
+def section(text: str, name: str) -> str:
+    m = re.search(rf"<!-- card:{name} -->\n(.*?)\n<!-- /card:{name} -->", text, re.S)
+    assert m, f"section {name} missing"
+    return m.group(1)
+
+
+def table_rows(md: str) -> list[list[str]]:
+    rows = [l for l in md.splitlines() if l.startswith("|")]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]  # skip header and rule
+
+
+SKILL = SKILL_MD_PATH.read_text()
+
+
+def test_front_matter_matches_card():
+    fm = front_matter(SKILL)
+    assert set(fm) >= {"name", "description", "when_to_use"}
+    assert fm["name"] == CARD.name == SKILL_MD_PATH.parent.name
+    assert fm["description"] == CARD.description
+    assert fm["when_to_use"] == CARD.when_to_use
+
+
+def test_hardware_table_matches_card():
+    rows = table_rows(section(SKILL, "by_hardware"))
+    assert [r[0] for r in rows] == [r.row for r in CARD.tables.by_hardware]
+    for cells, row in zip(rows, CARD.tables.by_hardware):
+        assert cells[1] == row.text and cells[2] == row.why
+        label = CARD.backend(row.first_choice).label
+        assert label.lower() in cells[1].lower()  # the text names the backend the card chose
+
+
+def test_ep_and_model_tables_match_card():
+    rows = table_rows(section(SKILL, "by_ep"))
+    assert [(r[0], r[1]) for r in rows] == [(r.row, r.text) for r in CARD.tables.by_ep]
+    rows = table_rows(section(SKILL, "by_model"))
+    assert [(r[0], r[1], r[2]) for r in rows] == [(r.row, r.text, r.notes) for r in CARD.tables.by_model]
+
+
+def test_rules_table_is_the_card_order():
+    rows = table_rows(section(SKILL, "rules"))
+    assert [r[1].strip("`") for r in rows] == [r.id for r in CARD.rules]
+    for cells, rule in zip(rows, CARD.rules):
+        assert CARD.backend(rule.choose).label.lower() in cells[3].lower() or rule.choose in cells[3]
+
+
+def test_backend_flags_table_matches_card():
+    rows = table_rows(section(SKILL, "backends"))
+    assert len(rows) == len(CARD.backends)
+    for cells, b in zip(rows, CARD.backends):
+        assert cells[1].strip("`") == " ".join(b.megatron_lm_flags)
+        for k, v in b.bridge_overrides.items():
+            assert f"{k}={v}" in cells[2]
+        for req in b.requires:
+            assert req.module.split(".")[0] in cells[3]
+
+
+def test_pitfalls_listed():
+    text = section(SKILL, "pitfalls")
+    for p in CARD.pitfalls:
+        assert p.text in text
+
+
+def test_generated_sections_are_current(tmp_path):
+    # Regenerating must be a no-op: a card edit without --write-skill fails here.
+    for path in (SKILL_MD_PATH, DOCS_PATH):
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text())
+        changed = write_skill_tables(CARD, copy, require_all=(path == SKILL_MD_PATH))
+        assert not changed, f"{path} is out of date: run python -m megatron_moe_probe.selection.card --write-skill"
+
+
+def test_a_drifted_card_is_detected(tmp_path):
+    data = yaml.safe_load(CARD_PATH.read_text())
+    data["tables"]["by_hardware"][0]["why"] = "something else"
+    bad = tmp_path / "card.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    drifted = load_card(bad)
+    copy = tmp_path / "SKILL.md"
+    copy.write_text(SKILL)
+    assert write_skill_tables(drifted, copy)  # the generated text would change
+
+
+def test_docs_have_the_decision_table():
+    docs = DOCS_PATH.read_text()
+    rows = table_rows(section(docs, "rules"))
+    assert [r[1].strip("`") for r in rows] == [r.id for r in CARD.rules]
