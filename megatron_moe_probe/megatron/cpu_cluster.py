@@ -9,8 +9,10 @@ what `fn` returned on each rank.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -57,6 +59,8 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
     try:
+        # Megatron warns about every missing optional accelerator package; on CPU that is noise.
+        warnings.filterwarnings("ignore")
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
             WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -73,7 +77,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
             except Exception:
                 pass
             dist.destroy_process_group()
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor storage; the queue's own pickler would share it through
+        # file descriptors that vanish when this process exits.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report everything to the parent, which re-raises
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -95,7 +101,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -163,4 +163,60 @@ def enable() -> None:
     mc_random.initialize_rng_tracker = lambda *a, **k: None
     mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mc_random._set_cuda_rng_state = lambda *a, **k: None
+    _allow_sequence_parallel_torch_norm()
+    _gloo_friendly_sequence_parallel_collectives()
     _ENABLED = True
+
+
+def _gloo_friendly_sequence_parallel_collectives() -> None:
+    """Gloo cannot all-gather tensors of unequal sizes (the alltoall dispatcher's TP gather
+    has them) nor reduce-scatter. Same results, built from what gloo has: pad-and-gather,
+    and all-reduce-then-slice."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        world = group.size()
+        if world == 1:
+            return input_
+        sizes = output_split_sizes or [input_.shape[0]] * world
+        rows = max(sizes)
+        padded = input_.new_zeros((rows, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        world = group.size()
+        if world == 1:
+            return input_
+        sizes = input_split_sizes or [input_.shape[0] // world] * world
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
+def _allow_sequence_parallel_torch_norm() -> None:
+    """The local spec's torch norm refuses sequence parallelism (torch_norm.py asserts). The
+    norm itself is per token, so it is correct on a sequence shard; mark its parameters
+    `sequence_parallel` so the CPU harness sums their gradients over TP, as Megatron's DDP does."""
+    import dataclasses
+
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        module = original_new(cls, dataclasses.replace(config, sequence_parallel=False), hidden_size, *args, **kwargs)
+        for p in module.parameters():
+            p.sequence_parallel = True
+        return module
+
+    torch_norm.WrappedTorchNorm.__new__ = __new__

@@ -37,13 +37,12 @@ class ProbeSetupError(ValueError):
 def _in_recomputation() -> bool:
     """True while activations are recomputed: the router already counted these tokens.
 
-    Megatron's reentrant checkpoint sets IS_CHECKPOINTING during its recompute; any
-    recompute (Megatron's, transformer-engine's, torch's non-reentrant) runs inside
-    the autograd engine, which is the general test.
+    Megatron 0.19 sets IS_CHECKPOINTING in both the first (no-grad) forward and the
+    recompute, so that flag cannot tell them apart. Every recompute (Megatron's,
+    transformer-engine's, torch's non-reentrant checkpoint) runs inside the autograd
+    engine's backward pass, and that is what this checks.
     """
-    from megatron.core.tensor_parallel.random import is_checkpointing
-
-    return is_checkpointing() or torch._C._current_graph_task_id() != -1
+    return torch._C._current_graph_task_id() != -1
 
 
 def find_moe_layers(model_chunks) -> list:

@@ -1,0 +1,235 @@
+"""Rank functions for the multi-process CPU tests (module level so `spawn` can import them).
+
+Each job builds a real Megatron GPTModel with MoE layers, runs a few training
+micro-batches with the probe attached, and returns, per rank, the probe's
+snapshot plus ground truth read from the token dispatcher itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe_probe.megatron import cpu_cluster as cc
+from megatron_moe_probe.megatron.hooks import attach
+
+
+def batch(cfg, rank: int, step: int) -> torch.Tensor:
+    # Each data-parallel position gets its own data; TP peers must see the same tokens.
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_rank(with_context_parallel=True)
+    g = torch.Generator().manual_seed(1000 * step + dp)
+    return torch.randint(0, cfg.vocab_size, (cfg.micro_batch_size, cfg.seq_length), generator=g)
+
+
+def dispatcher_truth(binding) -> dict:
+    """What the dispatcher itself computed for its last forward (ground truth)."""
+    d = binding.dispatcher
+    name = type(d).__name__
+    out = {"type": name, "ep_rank": d.ep_rank, "tp_rank": d.tp_rank}
+    if name == "MoEAlltoAllTokenDispatcher":
+        out["input_splits"] = None if d.drop_and_pad else torch.as_tensor(d.input_splits).tolist()
+        out["output_splits"] = torch.as_tensor(d.output_splits).tolist() if d.output_splits is not None else None
+        if getattr(d, "num_global_tokens_per_local_expert", None) is not None and d.num_local_experts > 1:
+            per_local = torch.as_tensor(d.num_global_tokens_per_local_expert).reshape(-1, d.num_local_experts).sum(0)
+        else:  # one local expert: everything received is for it
+            per_local = torch.tensor([sum(out["output_splits"])])
+        out["per_local_expert"] = per_local.tolist()
+        out["local_tokens"] = int(d.routing_map.shape[0])
+        out["num_out_tokens"] = int(d.num_out_tokens)  # rows the dispatcher permutes and sends
+    elif name == "MoEAllGatherTokenDispatcher":
+        out["per_local_expert"] = d.local_map.sum(0).tolist()
+        # The gathered map holds every TP x EP rank's tokens in group-rank order, so its
+        # local-expert columns, summed per source block, are this rank's column of the matrix.
+        group = dist.get_world_size(d.tp_ep_group)
+        lm = d.local_map
+        out["received_from"] = lm.view(group, lm.shape[0] // group, -1).sum((1, 2)).tolist()
+    return out
+
+
+def probe_vs_dispatcher(rank, world, cfg, steps=3, capture=True):
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    probe = attach([model])
+    truth = []
+    for step in range(steps):
+        cc.forward_backward(model, batch(cfg, rank, step))
+        if capture:
+            truth.append({b.slot: dispatcher_truth(b) for b in probe.bindings})
+        probe.step()
+    snap = probe.snapshot()
+    probe.detach()
+    return {"snapshot": snap, "truth": truth, "layout": probe.layout}
+
+
+def capacity_pair(rank, world, cfg, steps=2):
+    """The same model and data with and without padding to capacity."""
+    out = {}
+    for pad in (False, True):
+        c = cfg.with_(pad_to_capacity=pad)
+        cc.init_parallel(c) if not out else _reseed(c)
+        model = cc.build_model(c)
+        probe = attach([model])
+        truth = []
+        for step in range(steps):
+            cc.forward_backward(model, batch(c, rank, step))
+            truth.append({b.slot: dispatcher_truth(b) for b in probe.bindings})
+            probe.step()
+        out[pad] = {"snapshot": probe.snapshot(), "truth": truth, "layout": probe.layout}
+        probe.detach()
+    return out
+
+
+def _reseed(cfg):
+    from megatron.core.tensor_parallel import random as mc_random
+
+    torch.manual_seed(cfg.seed)
+    mc_random.model_parallel_cuda_manual_seed(cfg.seed)
+
+
+def recompute_pair(rank, world, cfg, steps=2):
+    """Counts with full activation recomputation must equal counts without it."""
+    out = {}
+    for recompute in (False, True):
+        c = cfg.with_(recompute=recompute)
+        cc.init_parallel(c) if not out else _reseed(c)
+        model = cc.build_model(c)
+        probe = attach([model])
+        for step in range(steps):
+            cc.forward_backward(model, batch(c, rank, step))
+            probe.step()
+        out[recompute] = probe.snapshot()
+        probe.detach()
+    return out
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def bitwise_on_off(rank, world, cfg, steps=2):
+    """Loss and gradients with the probe attached vs not: must be identical bit for bit."""
+    results = {}
+    for with_probe in (False, True):
+        _reseed(cfg) if results else cc.init_parallel(cfg)
+        model = cc.build_model(cfg)
+        probe = attach([model]) if with_probe else None
+        losses, grads = [], []
+        for step in range(steps):
+            model.zero_grad(set_to_none=True)
+            losses.append(cc.forward_backward(model, batch(cfg, rank, step)))
+            grads.append(_grads(model))
+            if probe:
+                probe.step()
+        if probe:
+            probe.snapshot()
+            probe.detach()
+        results[with_probe] = (losses, grads)
+    (l0, g0), (l1, g1) = results[False], results[True]
+    same_loss = all(torch.equal(a, b) for a, b in zip(l0, l1))
+    same_grads = all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(g0, g1))
+    return {"same_loss": same_loss, "same_grads": same_grads, "n_grads": len(g0[0])}
+
+
+# Ops that only make a view of existing storage: no kernel, no copy.
+VIEW_OPS = {"select", "slice", "view", "as_strided", "alias", "unsqueeze", "squeeze"}
+SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "tolist", "_to_copy", "to", "cpu", "numpy"}
+
+
+class _OpCounter:
+    """Counts aten ops (TorchDispatchMode) and host-side collectives during a region."""
+
+    def __init__(self):
+        from collections import Counter
+
+        self.ops = Counter()
+        self.collectives = Counter()
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        self._saved = {}
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier",
+                     "reduce_scatter_tensor", "all_to_all_single", "gather", "reduce"):
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapped(*a, _name=name, _orig=original, **k):
+                counter.collectives[_name] += 1
+                return _orig(*a, **k)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def host_sync_audit(rank, world, cfg):
+    """Ops and collectives of one non-logging training step, probe off vs on."""
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    cc.forward_backward(model, batch(cfg, rank, 0))  # warm-up (lazy init) outside the audit
+    with _OpCounter() as off:
+        cc.forward_backward(model, batch(cfg, rank, 1))
+    probe = attach([model])
+    with _OpCounter() as on:
+        cc.forward_backward(model, batch(cfg, rank, 1))
+        probe.step()
+    with _OpCounter() as flush:
+        probe.snapshot()
+    probe.detach()
+    added = {k: on.ops[k] - off.ops.get(k, 0) for k in on.ops if on.ops[k] != off.ops.get(k, 0)}
+    return {
+        "added_ops": added,
+        "removed_ops": {k: v for k, v in off.ops.items() if on.ops.get(k, 0) < v},
+        "collectives_off": dict(off.collectives),
+        "collectives_on": dict(on.collectives),
+        "flush_collectives": dict(flush.collectives),
+        "moe_layers": len(probe.bindings),
+    }
+
+
+def error_in_hook(rank, world, cfg):
+    """A failing probe must not break training: the step completes, the probe disables itself."""
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    probe = attach([model])
+    messages = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logging.getLogger("megatron_moe_probe").addHandler(Grab())
+
+    def boom(*a, **k):
+        raise RuntimeError("injected failure")
+
+    probe.probe.record_routing = boom
+    loss = cc.forward_backward(model, batch(cfg, rank, 0))
+    loss2 = cc.forward_backward(model, batch(cfg, rank, 1))
+    return {"loss": float(loss), "loss2": float(loss2), "enabled": probe.enabled, "messages": messages}
+
+
+def layout_only(rank, world, cfg):
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    probe = attach([model])
+    layout = probe.layout
+    probe.detach()
+    return layout
