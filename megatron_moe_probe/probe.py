@@ -92,7 +92,9 @@ class RoutingProbe:
         self.track_capacity = track_capacity
         self.reduce_group = reduce_group
         L, E = layout.num_layer_slots, layout.num_experts
-        self._history = torch.zeros(history_steps, L, E, dtype=torch.long, device=self.device)
+        # One spare row: a flush that comes exactly when `history_steps` steps are recorded
+        # (the usual case, history = interval) must still find them all in the history.
+        self._history = torch.zeros(history_steps + 1, L, E, dtype=torch.long, device=self.device)
         self._folded = torch.zeros(L, E, dtype=torch.long, device=self.device)
         self._dropped = torch.zeros(L, E, dtype=torch.long, device=self.device) if track_capacity else None
         self._present = torch.zeros(L, dtype=torch.long, device=self.device)  # which layers this rank owns
@@ -100,6 +102,7 @@ class RoutingProbe:
         self._steps = 0
         self._folds = 0
         self.step_number = 0
+        self.failed = False  # set by the adapter when a hook failed; counts may be incomplete
         self.timers: list["PhaseTimer"] = []
         # A dense class index per destination EP rank, used once per snapshot.
         self._locality_onehot = torch.nn.functional.one_hot(
@@ -128,7 +131,7 @@ class RoutingProbe:
         self._steps += 1
         self.step_number += 1
         self._slot += 1
-        if self._slot == self.history_steps:
+        if self._slot == self._history.shape[0]:
             self._folded.add_(self._history.sum(0))
             self._history.zero_()
             self._slot = 0
@@ -158,19 +161,21 @@ class RoutingProbe:
             dropped_source = torch.zeros(L, EP, E, dtype=torch.long, device=self.device)
             dropped_source[:, lay.ep_rank] = dropped
             parts.append(dropped_source.reshape(-1))
-        flat = torch.cat(parts + [self._present])
+        failed = torch.tensor([int(self.failed)], dtype=torch.long, device=self.device)
+        flat = torch.cat(parts + [self._present, failed])
         if lay.count_weight == 0:
-            flat[:-L].zero_()  # duplicate tokens (TP without SP): report layer ownership only
+            flat[: -L - 1].zero_()  # duplicate tokens (TP without SP): report layer ownership only
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat, group=self.reduce_group)
         flat = flat.cpu()  # the one device->host copy of the interval
 
-        sizes = [kept * L * E, L * EP * E, L * 3] + ([L * EP * E] if dropped is not None else []) + [L]
+        sizes = [kept * L * E, L * EP * E, L * 3] + ([L * EP * E] if dropped is not None else []) + [L, 1]
         chunks = [flat[a:b] for a, b in _split_sizes(sizes)]
         hist_g = chunks[0].view(kept, L, E)
         source_g = chunks[1].view(L, EP, E)
         locality_g = chunks[2].view(L, 3)
-        present = chunks[-1] > 0
+        present = chunks[-2] > 0
+        ranks_failed = int(chunks[-1][0])
         rows = present.nonzero().flatten()
         snap = Snapshot(
             step=self.step_number if step is None else step,
@@ -182,7 +187,7 @@ class RoutingProbe:
             step_tokens_per_expert=hist_g[:, rows],
             source_expert_counts=source_g[rows],
             locality=locality_g[rows],
-            meta={"history_folded": self._folds > 0, "steps_in_history": kept},
+            meta={"history_folded": self._folds > 0, "steps_in_history": kept, "ranks_failed": ranks_failed},
         )
         if dropped is not None:
             dropped_g = chunks[3].view(L, EP, E)[rows]

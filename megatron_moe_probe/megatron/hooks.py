@@ -172,6 +172,15 @@ class MegatronProbe:
     def _should_count(self, router) -> bool:
         return self.enabled and router.training and not _in_recomputation()
 
+    def enable_timing(self, max_events: int = 65536) -> None:
+        """Time token_dispatch / token_combine of every layer (CUDA events, read at flush)."""
+        from megatron_moe_probe.megatron.timing import DispatcherTimer
+
+        known = [b for b in self.bindings if type(b.dispatcher).__name__ in KNOWN_DISPATCHERS]
+        timer = DispatcherTimer(known, self.layout.num_layer_slots,
+                                lambda b: self._should_count(b.router), max_events=max_events)
+        self.probe.timers.append(timer)
+
     def _make_pre_hook(self, binding: _LayerBinding):
         def pre_hook(module, args):
             try:
@@ -211,12 +220,15 @@ class MegatronProbe:
         if self.enabled:
             log.warning("moe-probe: disabled after an error in a hook (training continues): %r", exc)
         self.enabled = False
+        self.probe.failed = True  # reported to every rank at the next flush
 
     # ---- API -------------------------------------------------------------------------------
 
     def step(self) -> None:
-        if self.enabled:
-            self.probe.step()
+        # Steps are counted even when disabled so every rank's history stays the same shape.
+        self.probe.step()
+        for timer in self.probe.timers:
+            timer.step()
 
     def snapshot(self, step: Optional[int] = None) -> Snapshot:
         snap = self.probe.snapshot(step)

@@ -1,0 +1,166 @@
+"""`moe-probe demo`: a real tiny MoE training run on CPU with the probe on.
+
+Megatron-Core's GPTModel with MoE layers (8 experts, top-2, 2 layers), 2 processes
+over gloo, expert parallelism 2 with the real alltoall token dispatcher, trained
+with AdamW on byte-level text (the Python standard library's own source, so it
+needs no download). The probe reports every `--interval` iterations to the local
+store and the console; the run ends with a per-layer imbalance table and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from megatron_moe_probe.errors import UsageError
+
+# Text the demo trains on: real prose and code, shipped with every Python.
+CORPUS_MODULES = ("argparse", "textwrap", "json.decoder", "pathlib", "logging", "dataclasses")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=40, help="training iterations (default 40)")
+    p.add_argument("--interval", type=int, default=10, help="iterations per probe report (default 10)")
+    p.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
+    p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
+    p.add_argument("--ranks", type=int, default=2, choices=(2, 4), help="processes = EP degree (default 2)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--quiet", action="store_true", help="no per-interval console table")
+
+
+def corpus_bytes() -> bytes:
+    import importlib
+
+    parts = []
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        parts.append(Path(module.__file__).read_bytes())
+    return b"\n".join(parts)
+
+
+def _rank_main(rank: int, world: int, settings: dict) -> dict:
+    import torch
+
+    from megatron_moe_probe.megatron import cpu_cluster as cc
+    from megatron_moe_probe.megatron.training import ProbeSession
+    from megatron_moe_probe.writers.base import make_writers
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    cfg = cc.TinyMoEConfig(ep=world, dispatcher=settings["dispatcher"], micro_batch_size=4)
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
+
+    writer_rank = world - 1
+    names = ["local"] if settings["quiet"] else ["local", "console"]
+    meta = {"job": "demo", "model": cfg.__dict__ | {"extra": None}, "world_size": world,
+            "dispatcher": settings["dispatcher"], "interval": settings["interval"]}
+    writers = make_writers(names, settings["out"], meta, rank=0 if rank == writer_rank else 1)
+    session = ProbeSession([model], interval=settings["interval"], writers=writers, gpus_per_node=world)
+
+    data = torch.frombuffer(bytearray(corpus_bytes()), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(rank)  # each data-parallel rank reads its own windows
+    losses, times = [], []
+    for it in range(1, settings["steps"] + 1):
+        t0 = time.perf_counter()
+        starts = torch.randint(0, data.numel() - cfg.seq_length - 1, (cfg.micro_batch_size,), generator=g)
+        window = torch.stack([data[s : s + cfg.seq_length + 1] for s in starts.tolist()])
+        optimizer.zero_grad(set_to_none=True)
+        loss = cc.forward_backward(model, window[:, :-1], labels=window[:, 1:])
+        cc.allreduce_gradients(model)
+        optimizer.step()
+        session.after_step(it)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+    session.close(settings["steps"])
+    return {"losses": losses, "step_seconds": times}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.interval < 1:
+        raise UsageError("--steps and --interval must be >= 1")
+    out = Path(args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".write_test"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write the run folder {out}: {exc}") from None
+
+    from rich.console import Console
+
+    from megatron_moe_probe.megatron.cpu_cluster import run_ranks
+
+    # Logs and CI are not terminals; rich would squeeze the table to 80 columns there.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    console.print(f"[bold]moe-probe demo[/]: Megatron GPTModel, 2 MoE layers x 8 experts (top-2), "
+                  f"{args.ranks} CPU ranks over gloo, EP={args.ranks}, {args.dispatcher} dispatcher, "
+                  f"{args.steps} steps -> {out}")
+    t0 = time.perf_counter()
+    settings = dict(out=str(out), steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
+                    lr=args.lr, quiet=args.quiet)
+    results = run_ranks(_rank_main, args.ranks, settings)
+    wall = time.perf_counter() - t0
+    losses = results[0]["losses"]
+    step_s = sorted(results[0]["step_seconds"])[len(losses) // 2]
+    console.print(f"done in {wall:.1f} s (median step {step_s * 1000:.0f} ms); "
+                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return final_report(out, console)
+
+
+def final_report(out: Path, console) -> int:
+    """Per-layer imbalance table over the whole run, read back from the local store, plus a plot."""
+    from rich.table import Table
+
+    from megatron_moe_probe.writers.local import load_run
+
+    meta, reports = load_run(out)
+    if not reports:
+        console.print("[red]no probe reports were written[/]")
+        return 1
+    table = Table(title=f"Routing imbalance per layer, {len(reports)} intervals to iteration {reports[-1].step}")
+    for col in ("layer", "tokens", "max/mean\nfirst→last", "max/mean\nworst step", "gini", "entropy",
+                "dead", "EP rank\nmax/mean", "sent to\nother rank"):
+        table.add_column(col, justify="right")
+    for i, layer in enumerate(reports[-1].layers):
+        first, last = reports[0].per_layer[i], reports[-1].per_layer[i]
+        tokens = sum(r.per_layer[i]["tokens"] for r in reports)
+        worst = max(r.per_layer[i]["max_over_mean_step_worst"] for r in reports)
+        remote = last["intra_node_tokens"] + last["inter_node_tokens"]
+        table.add_row(str(layer), f"{tokens:,.0f}", f"{first['max_over_mean']:.2f}→{last['max_over_mean']:.2f}",
+                      f"{worst:.2f}", f"{last['gini']:.3f}", f"{last['entropy']:.3f}", f"{last['dead_experts']:.0f}",
+                      f"{last['rank_max_over_mean']:.3f}", f"{remote / max(last['tokens'], 1):.0%}")
+    console.print(table)
+    plot = plot_run(out, reports)
+    console.print(f"records: {out / 'intervals.jsonl'}" + (f"\nplot:    {plot}" if plot else ""))
+    return 0
+
+
+def plot_run(out: Path, reports) -> Path | None:
+    """max/mean and Gini per layer over the run, and the last interval's per-expert load."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    steps = [r.step for r in reports]
+    for i, layer in enumerate(reports[-1].layers):
+        ax1.plot(steps, [r.per_layer[i]["max_over_mean"] for r in reports], marker="o", label=f"layer {layer}")
+        ax2.plot(steps, [r.per_layer[i]["gini"] for r in reports], marker="o", label=f"layer {layer}")
+    ax1.set(title="per-expert max/mean (interval)", xlabel="iteration")
+    ax2.set(title="Gini of expert load", xlabel="iteration")
+    ax1.legend()
+    last = reports[-1]
+    image = ax3.imshow(last.tokens_per_expert, aspect="auto", cmap="viridis")
+    ax3.set(title=f"tokens per expert, iterations to {last.step}", xlabel="expert", ylabel="layer",
+            yticks=range(len(last.layers)), yticklabels=[str(n) for n in last.layers])
+    fig.colorbar(image, ax=ax3)
+    path = out / "imbalance.png"
+    fig.savefig(path, dpi=110)
+    return path

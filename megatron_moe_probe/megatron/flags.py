@@ -1,0 +1,107 @@
+"""The probe's flags for Megatron's own argument parser (`extra_args_provider`).
+
+    parse_and_validate_args(extra_args_provider=add_probe_args)
+    parse_and_validate_args(extra_args_provider=chain_args(my_provider))
+
+Value errors (a bad writer name, an interval < 1) are argparse errors: the run
+stops before it starts, with one message naming the flag. Everything that can
+only be known later (an unwritable folder, a model without MoE layers) is a
+warning at run time and never stops training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional
+
+from megatron_moe_probe.writers.base import WRITER_NAMES
+
+GROUP_TITLE = "moe-probe"
+
+
+def _writer_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WRITER_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown writer {', '.join(map(repr, unknown))}; choose from {', '.join(WRITER_NAMES)}"
+        )
+    if not names:
+        raise argparse.ArgumentTypeError(f"give at least one of {', '.join(WRITER_NAMES)}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the --moe-probe* flags to a (Megatron) argument parser and return it."""
+    if any(getattr(g, "title", None) == GROUP_TITLE for g in parser._action_groups):
+        return parser  # already added (e.g. chained twice)
+    g = parser.add_argument_group(title=GROUP_TITLE, description="MoE routing / dispatch telemetry")
+    g.add_argument("--moe-probe", action="store_true", help="record per-layer routing statistics")
+    g.add_argument("--moe-probe-interval", type=_positive_int, default=None,
+                   help="iterations per report (default: --log-interval)")
+    g.add_argument("--moe-probe-dir", default=None,
+                   help="run folder for the local store (default: <--save>/moe_probe, else ./moe_probe_runs/<time>)")
+    g.add_argument("--moe-probe-writers", type=_writer_list, default=None,
+                   help=f"comma-separated writers from {', '.join(WRITER_NAMES)} (default: local, plus "
+                        "tensorboard when --tensorboard-dir is set and wandb when --wandb-project is set)")
+    g.add_argument("--moe-probe-timing", action="store_true",
+                   help="time token_dispatch / token_combine per layer with CUDA events (forward and backward)")
+    g.add_argument("--moe-probe-gpus-per-node", type=_positive_int, default=None,
+                   help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
+    g.add_argument("--moe-probe-history", type=_positive_int, default=None,
+                   help="per-step counts kept per interval for step statistics (default: the interval, max 1000)")
+    g.add_argument("--moe-probe-heatmap-every", type=_positive_int, default=10,
+                   help="reports between per-expert heatmaps/histograms in TensorBoard and wandb")
+    return parser
+
+
+def chain_args(*providers: Optional[Callable]) -> Callable:
+    """One extra_args_provider that adds the probe's flags after the user's own."""
+
+    def provider(parser):
+        for p in providers:
+            if p is not None:
+                parser = p(parser) or parser
+        return add_probe_args(parser)
+
+    return provider
+
+
+def resolve(args) -> dict:
+    """Effective probe settings from parsed Megatron args, with defaults filled in."""
+    import os
+    import time
+
+    interval = args.moe_probe_interval or getattr(args, "log_interval", None) or 100
+    writers = args.moe_probe_writers
+    if writers is None:
+        writers = ["local"]
+        if getattr(args, "tensorboard_dir", None):
+            writers.append("tensorboard")
+        if getattr(args, "wandb_project", None):
+            writers.append("wandb")
+    out_dir = args.moe_probe_dir
+    if out_dir is None:
+        save = getattr(args, "save", None)
+        out_dir = os.path.join(save, "moe_probe") if save else os.path.join(
+            "moe_probe_runs", time.strftime("%Y%m%d-%H%M%S"))
+    history = min(args.moe_probe_history or interval, 1000)
+    return dict(
+        interval=interval,
+        writers=writers,
+        out_dir=out_dir,
+        timing=bool(args.moe_probe_timing),
+        gpus_per_node=args.moe_probe_gpus_per_node,
+        history=history,
+        heatmap_every=args.moe_probe_heatmap_every,
+    )

@@ -1,0 +1,159 @@
+"""Dispatcher timing: CUDA-event time of `token_dispatch` and `token_combine` per layer.
+
+Forward: an event pair around the call. Backward: tensor hooks record an event
+when the gradient of the call's output arrives (its backward communication starts)
+and when the gradient of its input is ready (it has finished). Events come from a
+pool allocated once and are read only when the probe flushes, so timing adds no
+host synchronization; the pool bounds memory, and what did not fit is reported.
+
+Only `token_dispatch` / `token_combine` are wrapped: they are the communication
+steps of every 0.19 dispatcher (all-to-all, all-gather / reduce-scatter, DeepEP,
+HybridEP), and hooks elsewhere (MoELayer.forward, flex `dispatch_preprocess`) are
+bypassed by comm overlap or torch.compile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from megatron_moe_probe.probe import PhaseTimer
+
+log = logging.getLogger("megatron_moe_probe")
+
+PHASES = ("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd")
+
+
+class _EventPool:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._events: list = []
+        self.used = 0
+
+    def take(self):
+        if self.used >= self.capacity:
+            return None
+        if self.used == len(self._events):
+            self._events.append(torch.cuda.Event(enable_timing=True))
+        event = self._events[self.used]
+        self.used += 1
+        return event
+
+    def reset(self):
+        self.used = 0
+
+
+def _first_tensor(value):
+    if torch.is_tensor(value):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if torch.is_tensor(v):
+                return v
+    return None
+
+
+class DispatcherTimer(PhaseTimer):
+    """Wraps the dispatchers of `bindings` (objects with .slot and .dispatcher)."""
+
+    def __init__(self, bindings, num_slots: int, should_time: Callable[[object], bool], max_events: int = 65536):
+        self.num_slots = num_slots
+        self.should_time = should_time
+        self.pool = _EventPool(max_events)
+        self._pairs: list[tuple[int, str, object, object]] = []
+        self._open: dict[tuple[int, str, int], object] = {}
+        self.skipped = 0
+        self.steps = 0
+        self._restore: list[tuple[object, str]] = []
+        for b in bindings:
+            for method, phase in (("token_dispatch", "dispatch"), ("token_combine", "combine")):
+                if hasattr(b.dispatcher, method):
+                    self._wrap(b, method, phase)
+
+    def _wrap(self, binding, method: str, phase: str) -> None:
+        dispatcher, slot = binding.dispatcher, binding.slot
+        original = getattr(dispatcher, method)
+        timer = self
+
+        def timed(*args, **kwargs):
+            if not timer.should_time(binding):
+                return original(*args, **kwargs)
+            start = timer.pool.take()
+            if start is not None:
+                start.record()
+            out = original(*args, **kwargs)
+            end = timer.pool.take()
+            if start is None or end is None:
+                timer.skipped += 1
+                return out
+            end.record()
+            timer._pairs.append((slot, f"{phase}_fwd", start, end))
+            timer._time_backward(slot, phase, _first_tensor(args), _first_tensor(out))
+            return out
+
+        dispatcher.__dict__[method] = timed  # instance attribute shadows the bound method
+        self._restore.append((dispatcher, method))
+
+    def _time_backward(self, slot: int, phase: str, inp, out) -> None:
+        if inp is None or out is None or not (inp.requires_grad and out.requires_grad):
+            return
+        key_holder: dict = {}
+
+        def on_output_grad(grad):
+            start = self.pool.take()
+            if start is not None:
+                start.record()
+                key_holder["start"] = start
+            return None
+
+        def on_input_grad(grad):
+            start = key_holder.pop("start", None)
+            end = self.pool.take() if start is not None else None
+            if end is None:
+                if start is not None:
+                    self.skipped += 1
+                return None
+            end.record()
+            self._pairs.append((slot, f"{phase}_bwd", start, end))
+            return None
+
+        out.register_hook(on_output_grad)
+        inp.register_hook(on_input_grad)
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def read_and_reset(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean milliseconds per step for each phase, [len(rows)] in `rows` order (NaN where
+        a phase never ran). Synchronizes on the last event: call only at a flush."""
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(self.num_slots, dtype=torch.float64))
+        seen: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(self.num_slots, dtype=torch.bool))
+        if self._pairs:
+            self._pairs[-1][3].synchronize()
+        for slot, phase, start, end in self._pairs:
+            end.synchronize()
+            totals[phase][slot] += start.elapsed_time(end)
+            seen[phase][slot] = True
+        steps = max(self.steps, 1)
+        out = {}
+        for phase in PHASES:
+            if phase in totals:
+                values = totals[phase] / steps
+                values[~seen[phase]] = float("nan")
+                out[phase] = values[rows]
+        if self.skipped:
+            log.warning("moe-probe: dispatcher timing skipped %d calls this interval (event pool of %d full)",
+                        self.skipped, self.pool.capacity)
+        self._pairs.clear()
+        self.pool.reset()
+        self.skipped = 0
+        self.steps = 0
+        return out
+
+    def remove(self) -> None:
+        for dispatcher, method in self._restore:
+            dispatcher.__dict__.pop(method, None)
+        self._restore.clear()

@@ -1,0 +1,257 @@
+"""The probe inside a training loop: `ProbeSession`, and `install()` for megatron.training.
+
+Add the probe to a Megatron-LM pretraining script in two lines:
+
+    from megatron_moe_probe.megatron import training as moe_probe
+    moe_probe.install()                    # before pretrain(...)
+    ... parse_and_validate_args(extra_args_provider=moe_probe.chain_args(my_provider))
+
+`install()` wraps three functions of megatron.training.training (checked on 0.19):
+`train_step` (step the probe; flush every interval), `save_checkpoint_and_time`
+(flush the partial interval before a checkpoint) and `train` (flush what is left
+when training ends, close the writers). With `--moe-probe` absent it does nothing.
+Nothing the probe does raises into training.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, resolve  # noqa: F401 (re-exported)
+from megatron_moe_probe.report import IntervalReport
+
+log = logging.getLogger("megatron_moe_probe")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ProbeSession:
+    """A probe attached to a model, plus writers and the interval clock.
+
+    Collective: `after_step` (on flush iterations), `flush` and `close` must be called
+    by every rank at the same iterations, as Megatron's train loop does. Writers live
+    on the last rank, where Megatron keeps its own TensorBoard and wandb writers.
+    """
+
+    def __init__(self, model_chunks, *, interval: int, writers=None, gpus_per_node: Optional[int] = None,
+                 history: Optional[int] = None, timing: bool = False, run_meta: Optional[dict] = None):
+        from megatron_moe_probe.megatron.hooks import attach
+
+        self.interval = interval
+        self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval)
+        if timing:
+            self.probe.enable_timing()
+        self.writers = writers
+        self.run_meta = run_meta or {}
+        self.reports_written = 0
+        self.last_report: Optional[IntervalReport] = None
+        self.alive = True
+
+    def after_step(self, iteration: int) -> Optional[IntervalReport]:
+        """Call once per training iteration, with the number of completed iterations."""
+        if not self.alive:
+            return None
+        try:
+            self.probe.step()
+        except Exception as exc:  # never raise into training
+            self._die(exc)
+            return None
+        if iteration % self.interval == 0:
+            return self.flush(iteration)
+        return None
+
+    def flush(self, iteration: int) -> Optional[IntervalReport]:
+        """Reduce, summarize and write the interval so far (collective). No-op if empty."""
+        if not self.alive or self.probe.probe.steps_in_interval == 0:
+            return None
+        try:
+            from megatron_moe_probe.summarize import build_report
+
+            snap = self.probe.snapshot(step=iteration)
+            report = build_report(snap)
+        except Exception as exc:
+            self._die(exc)
+            return None
+        if report.meta.get("ranks_failed"):
+            log.warning("moe-probe: %d rank(s) disabled their probe after an error; counts are incomplete",
+                        report.meta["ranks_failed"])
+        self.last_report = report
+        if self.writers is not None:
+            self.writers.write(report)  # WriterSet isolates failing writers
+        self.reports_written += 1
+        return report
+
+    def close(self, iteration: Optional[int] = None) -> None:
+        if iteration is not None:
+            self.flush(iteration)
+        self.alive = False
+        try:
+            self.probe.detach()
+        except Exception as exc:
+            log.warning("moe-probe: detach failed: %r", exc)
+        if self.writers is not None:
+            self.writers.close()
+
+    def _die(self, exc: BaseException) -> None:
+        log.warning("moe-probe: stopped after an error (training continues): %r", exc)
+        self.alive = False
+        try:
+            self.probe.detach()
+        except Exception:
+            pass
+
+
+# ---- megatron.training integration ------------------------------------------------------------
+
+_state: dict[str, Any] = {"installed": False, "session": None, "failed_setup": False}
+
+
+def _make_session(model) -> Optional[ProbeSession]:
+    from megatron.training import get_args
+
+    from megatron_moe_probe.writers.base import make_writers
+    from megatron_moe_probe.writers.meta import collect_run_meta
+
+    args = get_args()
+    if not getattr(args, "moe_probe", False):
+        return None
+    settings = resolve(args)
+    rank, world = _rank_and_world()
+    writer_rank = world - 1  # Megatron's TensorBoard/wandb writers live on the last rank
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer
+
+        tb = get_tensorboard_writer()
+    except Exception:
+        tb = None
+    session = ProbeSession(model, interval=settings["interval"], gpus_per_node=settings["gpus_per_node"],
+                           history=settings["history"], timing=settings["timing"])
+    meta = collect_run_meta(args, dispatcher=getattr(args, "moe_token_dispatcher_type", None),
+                            extra={"probe": settings, "world_size": world})
+    session.writers = make_writers(
+        settings["writers"], settings["out_dir"], meta, rank=0 if rank == writer_rank else 1,
+        heatmap_every=settings["heatmap_every"], tensorboard_writer=tb,
+        wandb_project=getattr(args, "wandb_project", None),
+    )
+    if rank == writer_rank:
+        log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings["interval"],
+                    ",".join(session.writers.names) or "none", settings["out_dir"])
+    return session
+
+
+def _session_for(model) -> Optional[ProbeSession]:
+    if _state["session"] is None and not _state["failed_setup"]:
+        try:
+            _state["session"] = _make_session(model)
+        except Exception as exc:  # a model without MoE layers, an unknown layout...: warn, train on
+            _state["failed_setup"] = True
+            log.warning("moe-probe: not started: %s", exc)
+    return _state["session"]
+
+
+def install() -> None:
+    """Wrap megatron.training.training's train_step / save_checkpoint_and_time / train (idempotent)."""
+    if _state["installed"]:
+        return
+    from megatron.training import training as mt
+
+    original_step = mt.train_step
+    original_save = mt.save_checkpoint_and_time
+    original_train = mt.train
+
+    @functools.wraps(original_step)
+    def train_step(forward_step_func, data_iterator, model, *args, **kwargs):
+        out = original_step(forward_step_func, data_iterator, model, *args, **kwargs)
+        session = _session_for(model)
+        if session is not None:
+            iteration = kwargs.get("iteration")
+            done = (iteration + 1) if iteration is not None else session.probe.probe.step_number + 1
+            session.after_step(done)
+        return out
+
+    @functools.wraps(original_save)
+    def save_checkpoint_and_time(iteration, *args, **kwargs):
+        session = _state["session"]
+        if session is not None:
+            session.flush(iteration)  # the partial interval is on disk before the checkpoint
+        return original_save(iteration, *args, **kwargs)
+
+    @functools.wraps(original_train)
+    def train(*args, **kwargs):
+        result = original_train(*args, **kwargs)
+        session = _state["session"]
+        if session is not None:
+            iteration = result[0] if isinstance(result, tuple) and result and isinstance(result[0], int) else None
+            session.close(iteration if iteration is not None else session.probe.probe.step_number)
+            _state["session"] = None
+        return result
+
+    mt.train_step = train_step
+    mt.save_checkpoint_and_time = save_checkpoint_and_time
+    mt.train = train
+    _state.update(installed=True, originals=(original_step, original_save, original_train))
+
+
+def uninstall() -> None:
+    if not _state["installed"]:
+        return
+    from megatron.training import training as mt
+
+    mt.train_step, mt.save_checkpoint_and_time, mt.train = _state["originals"]
+    _state.update(installed=False, session=None, failed_setup=False)
+
+
+def add_flags_to_megatron_parser() -> None:
+    """Make every parse of Megatron's arguments include the probe's flags, for scripts we do
+    not edit. Rebinds `parse_args` in megatron.training.arguments and in every loaded module
+    that imported it by name."""
+    from megatron.training import arguments
+
+    original = arguments.parse_args
+    if getattr(original, "_moe_probe", False):
+        return
+
+    @functools.wraps(original)
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        return original(chain_args(extra_args_provider), ignore_unknown_args)
+
+    parse_args._moe_probe = True
+    for module in list(sys.modules.values()):
+        if getattr(module, "parse_args", None) is original:
+            module.parse_args = parse_args
+    arguments.parse_args = parse_args
+
+
+def run_script(argv: list[str]) -> None:
+    """`python -m megatron_moe_probe.megatron.training SCRIPT [ARGS...]`: run an unmodified
+    pretraining script (e.g. Megatron-LM's pretrain_gpt.py) with the probe's flags and hooks."""
+    import os
+    import runpy
+
+    if not argv:
+        raise SystemExit("usage: python -m megatron_moe_probe.megatron.training pretrain_gpt.py [megatron args]")
+    script = argv[0]
+    if not os.path.isfile(script):
+        raise SystemExit(f"moe-probe: no such script: {script}")
+    from megatron_moe_probe.megatron import quirks
+
+    quirks.apply()
+    add_flags_to_megatron_parser()
+    install()
+    sys.argv = [script, *argv[1:]]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    run_script(sys.argv[1:])
