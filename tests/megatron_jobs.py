@@ -233,3 +233,25 @@ def layout_only(rank, world, cfg):
     layout = probe.layout
     probe.detach()
     return layout
+
+
+def session_run(rank, world, cfg, out_dir, steps, interval, timing):
+    """ProbeSession as a training loop uses it: writers on the last rank, flush at close."""
+    from megatron_moe_probe.megatron.training import ProbeSession
+    from megatron_moe_probe.writers.base import make_writers
+
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    writers = make_writers(["local"], out_dir, {"test": True}, rank=0 if rank == world - 1 else 1)
+    session = ProbeSession([model], interval=interval, writers=writers, timing=timing, gpus_per_node=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    flushed = []
+    for it in range(1, steps + 1):
+        optimizer.zero_grad()
+        cc.forward_backward(model, batch(cfg, rank, it))
+        cc.allreduce_gradients(model)
+        optimizer.step()
+        if session.after_step(it) is not None:
+            flushed.append(it)
+    session.close(steps)
+    return {"flushed": flushed, "reports": session.reports_written}

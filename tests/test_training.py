@@ -1,0 +1,118 @@
+"""The probe in a training loop (ProbeSession), its Megatron flags, and dispatcher timing, on CPU."""
+
+import argparse
+import math
+import sys
+
+import pytest
+
+import megatron_jobs as jobs
+from megatron_moe_probe.megatron import flags
+from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.writers.local import load_run
+
+BASE = TinyMoEConfig()
+
+
+def test_session_reports_every_interval_and_the_rest_at_close(tmp_path):
+    steps, interval = 5, 2
+    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, True)
+    assert results[0]["flushed"] == [2, 4]
+    _, reports = load_run(tmp_path)
+    assert [r.step for r in reports] == [2, 4, 5]
+    assert [r.steps for r in reports] == [2, 2, 1]
+    tokens = BASE.micro_batch_size * BASE.seq_length * BASE.topk * 2  # per layer per step, both ranks
+    for r in reports:
+        assert r.layers == [1, 2]
+        for row, counts in zip(r.per_layer, r.tokens_per_expert):
+            assert sum(counts) == tokens * r.steps == row["tokens"]
+            # Everything is on one node here (gpus_per_node=1 means each rank is its own node).
+            assert row["inter_node_tokens"] + row["local_tokens"] == row["tokens"]
+            # Timing: every phase measured (host clock on CPU), positive.
+            for phase in ("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd"):
+                assert row[f"{phase}_ms"] > 0 and math.isfinite(row[f"{phase}_ms"]), phase
+
+
+def _parse(argv, provider=flags.add_probe_args):
+    from megatron.training.arguments import parse_args
+
+    saved = sys.argv
+    sys.argv = ["pretrain_gpt.py", *argv]
+    try:
+        return parse_args(extra_args_provider=provider)
+    finally:
+        sys.argv = saved
+
+
+def test_flags_through_megatrons_parser():
+    args = _parse(["--moe-probe", "--moe-probe-interval", "5", "--moe-probe-writers", "local,console",
+                   "--moe-probe-timing", "--log-interval", "7", "--moe-probe-gpus-per-node", "4"])
+    settings = flags.resolve(args)
+    assert settings["interval"] == 5 and settings["writers"] == ["local", "console"]
+    assert settings["timing"] and settings["gpus_per_node"] == 4 and settings["history"] == 5
+    # Defaults: interval from --log-interval; tensorboard/wandb added when Megatron has them.
+    args = _parse(["--moe-probe", "--log-interval", "7", "--tensorboard-dir", "/tmp/tb", "--save", "/tmp/ck"])
+    settings = flags.resolve(args)
+    assert settings["interval"] == 7
+    assert settings["writers"] == ["local", "tensorboard"]
+    assert settings["out_dir"] == "/tmp/ck/moe_probe"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--moe-probe-writers", "local,slack"], "unknown writer 'slack'"),
+    (["--moe-probe-interval", "0"], "expected a positive integer"),
+    (["--moe-probe-interval", "ten"], "expected a positive integer"),
+])
+def test_bad_flag_values_are_one_clear_parser_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--moe-probe", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "--moe-probe" in err
+
+
+def test_chain_args_keeps_the_users_own_flags():
+    def mine(parser):
+        parser.add_argument("--my-flag", type=int, default=3)
+        return parser
+
+    args = _parse(["--my-flag", "9", "--moe-probe"], provider=flags.chain_args(mine))
+    assert args.my_flag == 9 and args.moe_probe
+    # Chaining twice does not add the flags twice (argparse would raise on a duplicate).
+    parser = flags.add_probe_args(flags.add_probe_args(argparse.ArgumentParser()))
+    assert parser.parse_args(["--moe-probe"]).moe_probe
+
+
+def test_unmodified_script_parser_gets_the_flags():
+    from megatron.training import arguments
+
+    from megatron_moe_probe.megatron import training
+
+    original = arguments.parse_args
+    try:
+        training.add_flags_to_megatron_parser()
+        saved = sys.argv
+        sys.argv = ["pretrain_gpt.py", "--moe-probe", "--moe-probe-interval", "3"]
+        try:
+            args = arguments.parse_args()  # what an unmodified script calls, without our provider
+        finally:
+            sys.argv = saved
+        assert args.moe_probe and args.moe_probe_interval == 3
+    finally:
+        arguments.parse_args = original
+
+
+def test_install_wraps_and_uninstall_restores_megatron_training():
+    from megatron.training import training as mt
+
+    from megatron_moe_probe.megatron import training
+
+    before = (mt.train_step, mt.save_checkpoint_and_time, mt.train)
+    training.install()
+    training.install()  # idempotent
+    try:
+        assert mt.train_step is not before[0] and mt.train_step.__wrapped__ is before[0]
+        assert mt.save_checkpoint_and_time.__wrapped__ is before[1] and mt.train.__wrapped__ is before[2]
+    finally:
+        training.uninstall()
+    assert (mt.train_step, mt.save_checkpoint_and_time, mt.train) == before
