@@ -162,10 +162,30 @@ class MegatronProbe:
             binding = _LayerBinding(slot, layer.router, layer.token_dispatcher)
             self.bindings.append(binding)
             self.probe.register_layer(slot)
-            self._handles.append(layer.router.register_forward_pre_hook(self._make_pre_hook(binding)))
-            self._handles.append(layer.router.register_forward_hook(self._make_hook(binding)))
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        for binding in self.bindings:
+            router = binding.router
+            self._handles.append(router.register_forward_pre_hook(self._make_pre_hook(binding)))
+            self._handles.append(router.register_forward_hook(self._make_hook(binding)))
         if self.capacity:
             _DroppingWrapper.install(self)
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.capacity:
+            _DroppingWrapper.uninstall(self)
+
+    def pause(self) -> None:
+        """Remove the hooks (zero cost while paused); counters keep what they have."""
+        self._remove_hooks()
+
+    def resume(self) -> None:
+        if not self._handles:
+            self._register_hooks()
 
     # ---- hooks -----------------------------------------------------------------------------
 
@@ -240,16 +260,16 @@ class MegatronProbe:
         )
         return snap
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def disable_timing(self) -> None:
         for timer in list(self.probe.timers):
             remove = getattr(timer, "remove", None)
             if remove:
                 remove()
-        if self.capacity:
-            _DroppingWrapper.uninstall(self)
+        self.probe.timers.clear()
+
+    def detach(self) -> None:
+        self._remove_hooks()
+        self.disable_timing()
         self.enabled = False
 
 

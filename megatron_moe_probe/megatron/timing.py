@@ -67,7 +67,7 @@ class DispatcherTimer(PhaseTimer):
         self._open: dict[tuple[int, str, int], object] = {}
         self.skipped = 0
         self.steps = 0
-        self._restore: list[tuple[object, str]] = []
+        self._restore: list[tuple[object, str, object]] = []
         for b in bindings:
             for method, phase in (("token_dispatch", "dispatch"), ("token_combine", "combine")):
                 if hasattr(b.dispatcher, method):
@@ -94,8 +94,9 @@ class DispatcherTimer(PhaseTimer):
             timer._time_backward(slot, phase, _first_tensor(args), _first_tensor(out))
             return out
 
+        previous = dispatcher.__dict__.get(method)  # another wrapper already on the instance, if any
         dispatcher.__dict__[method] = timed  # instance attribute shadows the bound method
-        self._restore.append((dispatcher, method))
+        self._restore.append((dispatcher, method, previous))
 
     def _time_backward(self, slot: int, phase: str, inp, out) -> None:
         if inp is None or out is None or not (inp.requires_grad and out.requires_grad):
@@ -154,6 +155,9 @@ class DispatcherTimer(PhaseTimer):
         return out
 
     def remove(self) -> None:
-        for dispatcher, method in self._restore:
-            dispatcher.__dict__.pop(method, None)
+        for dispatcher, method, previous in reversed(self._restore):
+            if previous is None:
+                dispatcher.__dict__.pop(method, None)
+            else:
+                dispatcher.__dict__[method] = previous
         self._restore.clear()

@@ -35,6 +35,11 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+# Observers (benchmarks, custom alerts): called with each new session / each report, on every rank.
+session_callbacks: list = []
+report_callbacks: list = []
+
+
 class ProbeSession:
     """A probe attached to a model, plus writers and the interval clock.
 
@@ -86,6 +91,8 @@ class ProbeSession:
             log.warning("moe-probe: %d rank(s) disabled their probe after an error; counts are incomplete",
                         report.meta["ranks_failed"])
         self.last_report = report
+        for callback in report_callbacks:
+            callback(self, report)
         if self.writers is not None:
             self.writers.write(report)  # WriterSet isolates failing writers
         self.reports_written += 1
@@ -153,6 +160,9 @@ def _session_for(model) -> Optional[ProbeSession]:
     if _state["session"] is None and not _state["failed_setup"]:
         try:
             _state["session"] = _make_session(model)
+            if _state["session"] is not None:
+                for callback in session_callbacks:
+                    callback(_state["session"])
         except Exception as exc:  # a model without MoE layers, an unknown layout...: warn, train on
             _state["failed_setup"] = True
             log.warning("moe-probe: not started: %s", exc)

@@ -1,0 +1,261 @@
+"""The probe's overhead inside one real Megatron training run, two ways (GPU).
+
+Run under torchrun with the launcher's Megatron arguments (include --moe-probe):
+
+    python -m torch.distributed.run --nproc-per-node 2 benchmarks/probe_overhead.py \
+        --warmup 60 --window 20 --out results/overhead.json -- <megatron args> --moe-probe
+
+(a) Cost accounting: in "accounted" windows, CUDA events around the probe's own
+    kernels (the hot-path sum + add of every router call) and the host clock around
+    every hook call give the probe's GPU time and host time per iteration, as a
+    fraction of the iteration. Those windows also run the probe under
+    torch.cuda.set_sync_debug_mode("error"), so a host sync inside the probe fails.
+(b) In-process A/B: after the warm-up, windows rotate off / stats / stats+timing /
+    accounted; each iteration is timed with a synchronize on both sides (the same
+    for every mode). Medians of the per-window medians, with a bootstrap 95% CI of
+    the ratio to "off", are printed side by side.
+Also checks the probe's counts against the alltoall dispatcher's own input_splits
+at every flush (--verify, default on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+MODES = ("off", "stats", "timing", "accounted")
+VERIFIED_MODES = ("warmup", "accounted")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--window", type=int, default=20)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-verify", action="store_true")
+    if "--" not in argv:
+        p.error("give Megatron arguments after --")
+    i = argv.index("--")
+    return p.parse_args(argv[:i]), argv[i + 1:]
+
+
+class Bench:
+    def __init__(self, opts):
+        self.opts = opts
+        self.session = None
+        self.step_ms = defaultdict(list)  # mode -> [(window, ms)]
+        self.gpu_events = []  # (start, end) around probe kernels in accounted windows
+        self.host_s = 0.0
+        self.accounted_iters = 0
+        self.split_sums = defaultdict(lambda: None)  # slot -> summed input_splits since last flush
+        self.verify_errors = []
+        self.verified_flushes = 0
+        self.mode = "warmup"
+
+    def mode_for(self, iteration: int) -> str:
+        if iteration < self.opts.warmup:
+            return "warmup"
+        return MODES[((iteration - self.opts.warmup) // self.opts.window) % len(MODES)]
+
+    # -- session setup ------------------------------------------------------------------------
+    def on_session(self, session):
+        self.session = session
+        session.interval = self.opts.window  # one flush per window: its cost lands in that window
+        probe = session.probe
+        self._instrument(probe)
+        if not self.opts.no_verify:
+            for b in probe.bindings:
+                if type(b.dispatcher).__name__ == "MoEAlltoAllTokenDispatcher":
+                    self._capture_splits(b)
+
+    def _instrument(self, probe):
+        bench = self
+        inner = probe.probe
+
+        for name in ("record_routing", "record_counts"):
+            original = getattr(inner, name)
+
+            def wrapped(*args, _orig=original, **kwargs):
+                if bench.mode != "accounted":
+                    return _orig(*args, **kwargs)
+                t0 = time.perf_counter()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    start.record()
+                    _orig(*args, **kwargs)
+                    end.record()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                bench.gpu_events.append((start, end))
+                bench.host_s += time.perf_counter() - t0
+                return None
+
+            setattr(inner, name, wrapped)
+
+    def _capture_splits(self, binding):
+        d = binding.dispatcher
+        original = d.token_dispatch
+        bench = self
+
+        def token_dispatch(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if bench.mode in VERIFIED_MODES and binding.router.training:
+                splits = torch.as_tensor(d.input_splits).to("cpu", torch.long)  # already on host
+                prev = bench.split_sums[binding.slot]
+                bench.split_sums[binding.slot] = splits if prev is None else prev + splits
+            return out
+
+        d.__dict__["token_dispatch"] = token_dispatch
+
+    def on_report(self, session, report):
+        # Verify only in windows that are not part of the A/B (the gather costs time).
+        if self.opts.no_verify or self.mode not in VERIFIED_MODES:
+            self.split_sums.clear()
+            return
+        probe = session.probe
+        ep, ep_rank = probe.layout.ep_size, probe.layout.ep_rank
+        rows = {}
+        for slot, splits in self.split_sums.items():
+            rows[slot] = splits.tolist()
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (ep_rank, rows))
+        for i, layer in enumerate(report.layers):
+            expected = [[0] * ep for _ in range(ep)]
+            for src, r in gathered:
+                for j, v in enumerate(r.get(layer - 1, [0] * ep)):
+                    expected[src][j] += v
+            if expected != report.rank_matrix[i]:
+                self.verify_errors.append({"step": report.step, "layer": layer,
+                                           "probe": report.rank_matrix[i], "dispatcher": expected})
+        self.verified_flushes += 1
+        self.split_sums.clear()
+
+    # -- the timed step -----------------------------------------------------------------------
+    def wrap_train_step(self, mt):
+        inner = mt.train_step
+        bench = self
+
+        def train_step(*args, **kwargs):
+            iteration = kwargs.get("iteration", 0)
+            mode = bench.mode_for(iteration)
+            bench._set_mode(mode)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1000
+            if mode != "warmup":
+                bench.step_ms[mode].append(((iteration - bench.opts.warmup) // bench.opts.window, ms))
+                if mode == "accounted":
+                    bench.accounted_iters += 1
+            return out
+
+        mt.train_step = train_step
+
+    def _set_mode(self, mode):
+        if mode == self.mode or self.session is None:
+            self.mode = mode
+            return
+        s, probe = self.session, self.session.probe
+        if mode == "off":
+            probe.pause()
+            probe.disable_timing()
+            s.paused = True
+        else:
+            probe.resume()
+            s.paused = False
+            if mode == "timing" and not probe.probe.timers:
+                probe.enable_timing()
+            elif mode != "timing":
+                probe.disable_timing()
+        self.mode = mode
+
+    # -- results ------------------------------------------------------------------------------
+    def results(self):
+        per_window = {}
+        for mode, samples in self.step_ms.items():
+            windows = defaultdict(list)
+            for w, ms in samples:
+                windows[w].append(ms)
+            per_window[mode] = [statistics.median(v[2:] if len(v) > 4 else v) for v in windows.values()]
+        out = {"windows": {m: len(v) for m, v in per_window.items()},
+               "median_ms": {m: statistics.median(v) for m, v in per_window.items() if v}}
+        rng = random.Random(0)
+        base = per_window.get("off", [])
+        for mode in ("stats", "timing", "accounted"):
+            cur = per_window.get(mode, [])
+            if not base or not cur:
+                continue
+            ratio = statistics.median(cur) / statistics.median(base)
+            boot = sorted(statistics.median(rng.choices(cur, k=len(cur))) /
+                          statistics.median(rng.choices(base, k=len(base))) for _ in range(2000))
+            out[f"{mode}_over_off"] = {"ratio": ratio, "ci95": [boot[50], boot[1949]]}
+        gpu_ms = sum(s.elapsed_time(e) for s, e in self.gpu_events)
+        iters = max(self.accounted_iters, 1)
+        step = out["median_ms"].get("accounted") or out["median_ms"].get("stats")
+        out["accounting"] = {
+            "probe_calls": len(self.gpu_events),
+            "probe_gpu_ms_per_iter": gpu_ms / iters,
+            "probe_host_ms_per_iter": self.host_s * 1000 / iters,
+            "step_ms": step,
+            "gpu_fraction": (gpu_ms / iters) / step if step else None,
+            "host_fraction": (self.host_s * 1000 / iters) / step if step else None,
+        }
+        out["verify"] = {"flushes": self.verified_flushes, "mismatches": self.verify_errors[:5],
+                         "n_mismatches": len(self.verify_errors)}
+        if self.session is not None and self.session.last_report is not None:
+            out["probe_enabled_at_end"] = self.session.probe.enabled
+        return out
+
+
+def main(argv=None):
+    opts, megatron_argv = parse(sys.argv[1:] if argv is None else argv)
+    from megatron.training import training as mt
+
+    from megatron_moe_probe.megatron import launch, training
+
+    training.install()  # first, so that our timer wraps the probe's train_step wrapper
+    bench = Bench(opts)
+    training.session_callbacks.append(bench.on_session)
+    training.report_callbacks.append(bench.on_report)
+    bench.wrap_train_step(mt)
+    _patch_session_pause()
+    code = launch.main(megatron_argv)
+    res = bench.results()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    os.makedirs(os.path.dirname(os.path.abspath(opts.out)) or ".", exist_ok=True)
+    path = opts.out.replace(".json", f".rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    if rank == 0:
+        print(json.dumps(res, indent=1))
+    return code
+
+
+def _patch_session_pause():
+    """ProbeSession.after_step honours `paused` (benchmark-only: off windows skip the probe entirely)."""
+    from megatron_moe_probe.megatron.training import ProbeSession
+
+    original = ProbeSession.after_step
+
+    def after_step(self, iteration):
+        if getattr(self, "paused", False):
+            return None
+        return original(self, iteration)
+
+    ProbeSession.after_step = after_step
+
+
+if __name__ == "__main__":
+    sys.exit(main() or 0)
