@@ -81,7 +81,7 @@ def test_build_dataset_lines_and_jsonl(tmp_path, capsys):
     assert got == [list(b"one"), list(b"two two"), list(b"three"), list("f\u00fcnf".encode())]
 
 
-@pytest.mark.parametrize("case", ["empty-files", "missing", "bad-jsonl", "no-folder", "bad-tokenizer"])
+@pytest.mark.parametrize("case", ["empty-files", "missing", "bad-jsonl", "no-folder", "bad-tokenizer", "hf-no-dir"])
 def test_build_dataset_errors_exit_2_and_leave_nothing(tmp_path, capsys, case):
     src = tmp_path / "in"
     src.mkdir()
@@ -100,12 +100,16 @@ def test_build_dataset_errors_exit_2_and_leave_nothing(tmp_path, capsys, case):
     elif case == "bad-tokenizer":
         (src / "ok.txt").write_text("text")
         args += ["--tokenizer", "gpt5"]
+    elif case == "hf-no-dir":
+        (src / "ok.txt").write_text("text")
+        args += ["--tokenizer", f"hf:{tmp_path / 'no-tokenizer'}"]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     rc, out, err = cli(capsys, "build-dataset", *args, "--output-prefix", str(prefix), "--no-progress")
     assert rc == 2, (out, err)
     assert "moe-probe build-dataset: error:" in err
     expected = {"empty-files": "every document was empty", "missing": "no such file", "bad-jsonl": "no 'text' field",
-                "no-folder": "does not exist", "bad-tokenizer": "unknown tokenizer"}[case]
+                "no-folder": "does not exist", "bad-tokenizer": "unknown tokenizer",
+                "hf-no-dir": "nothing is downloaded"}[case]
     assert expected in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no .bin/.idx, no temp folder
 
