@@ -446,7 +446,7 @@ def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, st
     return margs + extra, dict(resolved.env), r.parallelism.world_size, list(resolved.notes)
 
 
-def build_command(args: argparse.Namespace, megatron_args: list[str], recipe_world: Optional[int]) -> tuple[list[str], int, int]:
+def build_command(args: argparse.Namespace, megatron_args: list[str]) -> tuple[list[str], int, int]:
     from megatron_moe_probe import recipes
 
     nnodes = args.nnodes
@@ -485,7 +485,7 @@ def format_command(cmd: list[str], env: dict[str, str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     megatron_args, env, recipe_world, notes = megatron_args_for(args)
-    cmd, nproc, nnodes = build_command(args, megatron_args, recipe_world)
+    cmd, nproc, nnodes = build_command(args, megatron_args)
     world = nproc * nnodes
     if recipe_world is not None and world != recipe_world:
         notes.append(f"warning: the recipe is laid out for {recipe_world} GPU(s), launching {world}; "
