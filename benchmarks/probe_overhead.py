@@ -42,10 +42,17 @@ def parse(argv):
     p.add_argument("--window", type=int, default=20)
     p.add_argument("--out", required=True)
     p.add_argument("--no-verify", action="store_true")
-    if "--" not in argv:
-        p.error("give Megatron arguments after --")
-    i = argv.index("--")
-    return p.parse_args(argv[:i]), argv[i + 1:]
+    p.add_argument("--recipe", default=None, help="render this recipe's Megatron args (without probe flags) first")
+    i = argv.index("--") if "--" in argv else len(argv)
+    opts, extra = p.parse_args(argv[:i]), argv[i + 1:]
+    if opts.recipe:
+        from megatron_moe_probe import recipes
+
+        r = recipes.load_recipe(opts.recipe)
+        extra = recipes.render(r) + extra
+    if not extra:
+        p.error("give --recipe and/or Megatron arguments after --")
+    return opts, extra
 
 
 class Bench:

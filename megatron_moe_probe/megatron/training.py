@@ -92,7 +92,10 @@ class ProbeSession:
                         report.meta["ranks_failed"])
         self.last_report = report
         for callback in report_callbacks:
-            callback(self, report)
+            try:
+                callback(self, report)
+            except Exception as exc:
+                log.warning("moe-probe: a report callback failed: %r", exc)
         if self.writers is not None:
             self.writers.write(report)  # WriterSet isolates failing writers
         self.reports_written += 1
