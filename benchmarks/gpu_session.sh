@@ -38,4 +38,10 @@ python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node $NGPU 
   --log-interval 1000 --moe-probe --moe-probe-writers local --moe-probe-dir $RES/run_ab \
   > $RES/overhead.log 2>&1; echo "exit $?" | tee -a $RES/overhead.log; tail -45 $RES/overhead.log
 fi
+if [ "$NGPU" -gt 1 ]; then
+step "4. the same recipe on one GPU (EP=1), probe on with timing"
+CUDA_VISIBLE_DEVICES=0 $CLI train tiny-gpu:1gpu -- --train-iters 20 --moe-probe-dir $RES/run_1gpu \
+  --moe-probe-writers local,console --moe-probe-interval 10 > $RES/run_1gpu.log 2>&1
+echo "exit $?" | tee -a $RES/run_1gpu.log; tail -8 $RES/run_1gpu.log
+fi
 tar czf $OUT/results.tgz -C $RES . && ls -la $OUT

@@ -154,7 +154,8 @@ class RoutingProbe:
         source = torch.zeros(L, EP, E, dtype=torch.long, device=self.device)
         source[:, lay.ep_rank] = interval
         per_destination = interval.view(L, EP, E // EP).sum(-1)  # [L, EP]
-        locality = per_destination @ self._locality_onehot  # [L, 3]
+        # Elementwise, not a matmul: CUDA has no int64 matmul, and these counts must stay exact.
+        locality = (per_destination.unsqueeze(-1) * self._locality_onehot).sum(-2)  # [L, 3]
         parts = [hist.reshape(-1), source.reshape(-1), locality.reshape(-1)]
         dropped = self._dropped
         if dropped is not None:
