@@ -14,6 +14,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 CLI="python3 -m megatron_moe_probe.cli"
 step() { echo "=== $1 ($(date +%T))"; }
 
+if [ "${ONLY_AB:-0}" = 1 ]; then RC1=0; else
 step "1. moe-probe train tiny-gpu on $NGPU GPU(s), mock data, all writers, timing on"
 VARIANT=tiny-gpu; [ "$NGPU" = 1 ] && VARIANT=tiny-gpu:1gpu
 $CLI train $VARIANT -- --train-iters 30 --moe-probe-dir $RES/run_mock \
@@ -31,6 +32,7 @@ $CLI train --nproc-per-node $NGPU -- $TEXT_ARGS --train-iters 30 --data-path /tm
   --vocab-size 257 --moe-probe --moe-probe-dir $RES/run_text --moe-probe-writers local,console --moe-probe-interval 10 \
   > $RES/run_text.log 2>&1; echo "exit $?" | tee -a $RES/run_text.log; tail -12 $RES/run_text.log
 
+fi
 if [ "$AB_ITERS" -gt 0 ] && [ "$RC1" = 0 ]; then
 step "3. overhead: in-process A/B + cost accounting + split verification, $AB_ITERS iterations"
 python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node $NGPU benchmarks/probe_overhead.py \
@@ -38,7 +40,7 @@ python3 -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node $NGPU 
   --log-interval 1000 --moe-probe --moe-probe-writers local --moe-probe-dir $RES/run_ab \
   > $RES/overhead.log 2>&1; echo "exit $?" | tee -a $RES/overhead.log; tail -45 $RES/overhead.log
 fi
-if [ "$NGPU" -gt 1 ]; then
+if [ "$NGPU" -gt 1 ] && [ "${ONLY_AB:-0}" != 1 ]; then
 step "4. the same recipe on one GPU (EP=1), probe on with timing"
 CUDA_VISIBLE_DEVICES=0 $CLI train tiny-gpu:1gpu -- --train-iters 20 --moe-probe-dir $RES/run_1gpu \
   --moe-probe-writers local,console --moe-probe-interval 10 > $RES/run_1gpu.log 2>&1

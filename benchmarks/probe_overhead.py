@@ -60,8 +60,11 @@ class Bench:
         self.opts = opts
         self.session = None
         self.step_ms = defaultdict(list)  # mode -> [(window, ms)]
-        self.gpu_events = []  # (start, end) around probe kernels in accounted windows
         self.host_s = 0.0
+        self.hook_calls = 0
+        self.profile = None  # key figures from torch.profiler over one accounted window
+        self._prof = None
+        self._prof_window = None
         self.accounted_iters = 0
         self.split_sums = defaultdict(lambda: None)  # slot -> summed input_splits since last flush
         self.verify_errors = []
@@ -85,30 +88,48 @@ class Bench:
                     self._capture_splits(b)
 
     def _instrument(self, probe):
+        """Accounted windows: host clock around each hook call, sync debug mode "error" around
+        the probe's work, and a record_function range so the profiler attributes its kernels."""
         bench = self
         inner = probe.probe
-
         for name in ("record_routing", "record_counts"):
             original = getattr(inner, name)
 
             def wrapped(*args, _orig=original, **kwargs):
                 if bench.mode != "accounted":
                     return _orig(*args, **kwargs)
-                t0 = time.perf_counter()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                torch.cuda.set_sync_debug_mode("error")
+                torch.cuda.set_sync_debug_mode("error")  # a host sync in the probe raises
                 try:
-                    start.record()
-                    _orig(*args, **kwargs)
-                    end.record()
+                    with torch.profiler.record_function("moe_probe"):
+                        return _orig(*args, **kwargs)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-                bench.gpu_events.append((start, end))
-                bench.host_s += time.perf_counter() - t0
-                return None
 
             setattr(inner, name, wrapped)
+
+    @staticmethod
+    def patch_hook_timing(bench):
+        """Host time of whole hook calls (pre-hook + hook), accounted windows only."""
+        from megatron_moe_probe.megatron.hooks import MegatronProbe
+
+        for factory in ("_make_pre_hook", "_make_hook"):
+            original_factory = getattr(MegatronProbe, factory)
+
+            def make(self, binding, _f=original_factory):
+                hook = _f(self, binding)
+
+                def timed(*args):
+                    if bench.mode != "accounted":
+                        return hook(*args)
+                    t0 = time.perf_counter()
+                    out = hook(*args)
+                    bench.host_s += time.perf_counter() - t0
+                    bench.hook_calls += 1
+                    return out
+
+                return timed
+
+            setattr(MegatronProbe, factory, make)
 
     def _capture_splits(self, binding):
         d = binding.dispatcher
@@ -157,18 +178,56 @@ class Bench:
             iteration = kwargs.get("iteration", 0)
             mode = bench.mode_for(iteration)
             bench._set_mode(mode)
+            window = (iteration - bench.opts.warmup) // bench.opts.window
+            bench._profiler(mode, window)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = inner(*args, **kwargs)
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) * 1000
             if mode != "warmup":
-                bench.step_ms[mode].append(((iteration - bench.opts.warmup) // bench.opts.window, ms))
+                bench.step_ms[mode].append((window, ms))
                 if mode == "accounted":
                     bench.accounted_iters += 1
             return out
 
         mt.train_step = train_step
+
+    def _profiler(self, mode, window):
+        """Profile the second accounted window (the first after warm-up may still settle)."""
+        if self._prof is not None and window != self._prof_window:
+            self._prof.stop()
+            self._summarize_profile()
+            self._prof = None
+        if mode == "accounted" and self.profile is None and self._prof is None:
+            self._seen_accounted = getattr(self, "_seen_accounted", 0) + 1
+            if self._seen_accounted > self.opts.window:  # second accounted window
+                self._prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self._prof.start()
+                self._prof_window = window
+                self._prof_iters = 0
+        if self._prof is not None:
+            self._prof_iters += 1
+
+    def _summarize_profile(self):
+        events = self._prof.key_averages()
+        total_gpu_us = sum(e.self_device_time_total for e in events)
+        probe = [e for e in events if e.key == "moe_probe"]
+        probe_gpu_us = probe[0].device_time_total if probe else 0.0
+        probe_cpu_us = probe[0].cpu_time_total if probe else 0.0
+        iters = max(self._prof_iters, 1)
+        self.profile = {
+            "iterations": iters,
+            "all_kernels_ms_per_iter": total_gpu_us / 1000 / iters,
+            "probe_kernels_ms_per_iter": probe_gpu_us / 1000 / iters,
+            "probe_share_of_gpu_time": probe_gpu_us / total_gpu_us if total_gpu_us else None,
+            "probe_calls": probe[0].count if probe else 0,
+            "probe_cpu_ms_per_iter": probe_cpu_us / 1000 / iters,
+            "top_probe_kernels": [
+                (e.key, e.self_device_time_total / max(e.count, 1)) for e in sorted(
+                    events, key=lambda e: -e.self_device_time_total)[:8]],
+        }
 
     def _set_mode(self, mode):
         if mode == self.mode or self.session is None:
@@ -208,16 +267,14 @@ class Bench:
             boot = sorted(statistics.median(rng.choices(cur, k=len(cur))) /
                           statistics.median(rng.choices(base, k=len(base))) for _ in range(2000))
             out[f"{mode}_over_off"] = {"ratio": ratio, "ci95": [boot[50], boot[1949]]}
-        gpu_ms = sum(s.elapsed_time(e) for s, e in self.gpu_events)
         iters = max(self.accounted_iters, 1)
-        step = out["median_ms"].get("accounted") or out["median_ms"].get("stats")
+        step = out["median_ms"].get("off")
+        host_ms = self.host_s * 1000 / iters
         out["accounting"] = {
-            "probe_calls": len(self.gpu_events),
-            "probe_gpu_ms_per_iter": gpu_ms / iters,
-            "probe_host_ms_per_iter": self.host_s * 1000 / iters,
-            "step_ms": step,
-            "gpu_fraction": (gpu_ms / iters) / step if step else None,
-            "host_fraction": (self.host_s * 1000 / iters) / step if step else None,
+            "hook_calls_per_iter": self.hook_calls / iters,
+            "probe_host_ms_per_iter": host_ms,
+            "host_fraction_of_off_step": host_ms / step if step else None,
+            "profile": self.profile,
         }
         out["verify"] = {"flushes": self.verified_flushes, "mismatches": self.verify_errors[:5],
                          "n_mismatches": len(self.verify_errors)}
@@ -237,6 +294,7 @@ def main(argv=None):
     training.session_callbacks.append(bench.on_session)
     training.report_callbacks.append(bench.on_report)
     bench.wrap_train_step(mt)
+    Bench.patch_hook_timing(bench)
     _patch_session_pause()
     code = launch.main(megatron_argv)
     res = bench.results()
