@@ -12,11 +12,11 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi -L | tee $RES/gpus.txt
 NGPU=$(nvidia-smi -L | wc -l)
 CLI="python3 -m megatron_moe_probe.cli"
+VARIANT=tiny-gpu; [ "$NGPU" = 1 ] && VARIANT=tiny-gpu:1gpu
 step() { echo "=== $1 ($(date +%T))"; }
 
 if [ "${ONLY_AB:-0}" = 1 ]; then RC1=0; else
 step "1. moe-probe train tiny-gpu on $NGPU GPU(s), mock data, all writers, timing on"
-VARIANT=tiny-gpu; [ "$NGPU" = 1 ] && VARIANT=tiny-gpu:1gpu
 $CLI train $VARIANT -- --train-iters 30 --moe-probe-dir $RES/run_mock \
   --moe-probe-writers local,tensorboard,wandb,console --tensorboard-dir $RES/tb --moe-probe-interval 10 \
   > $RES/run_mock.log 2>&1; RC1=$?; echo "exit $RC1" | tee -a $RES/run_mock.log; tail -25 $RES/run_mock.log
