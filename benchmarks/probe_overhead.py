@@ -96,14 +96,16 @@ class Bench:
             original = getattr(inner, name)
 
             def wrapped(*args, _orig=original, **kwargs):
-                if bench.mode != "accounted":
-                    return _orig(*args, **kwargs)
-                torch.cuda.set_sync_debug_mode("error")  # a host sync in the probe raises
-                try:
+                if bench.mode == "warmup":  # not timed: a host sync inside the probe raises
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        return _orig(*args, **kwargs)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                if bench._prof is not None:  # the profiled window: attribute the probe's kernels
                     with torch.profiler.record_function("moe_probe"):
                         return _orig(*args, **kwargs)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                return _orig(*args, **kwargs)
 
             setattr(inner, name, wrapped)
 
@@ -119,7 +121,7 @@ class Bench:
                 hook = _f(self, binding)
 
                 def timed(*args):
-                    if bench.mode != "accounted":
+                    if bench.mode != "accounted" or bench._prof is not None:
                         return hook(*args)
                     t0 = time.perf_counter()
                     out = hook(*args)
@@ -187,8 +189,8 @@ class Bench:
             ms = (time.perf_counter() - t0) * 1000
             if mode != "warmup":
                 bench.step_ms[mode].append((window, ms))
-                if mode == "accounted":
-                    bench.accounted_iters += 1
+                if mode == "accounted" and bench._prof is None:
+                    bench.accounted_iters += 1  # host time is taken outside the profiled window
             return out
 
         mt.train_step = train_step

@@ -167,7 +167,8 @@ class MegatronProbe:
     def _register_hooks(self) -> None:
         for binding in self.bindings:
             router = binding.router
-            self._handles.append(router.register_forward_pre_hook(self._make_pre_hook(binding)))
+            if self.capacity:  # only the dropping wrapper needs to know which router is running
+                self._handles.append(router.register_forward_pre_hook(self._make_pre_hook(binding)))
             self._handles.append(router.register_forward_hook(self._make_hook(binding)))
         if self.capacity:
             _DroppingWrapper.install(self)
