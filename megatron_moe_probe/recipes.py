@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.yaml_io import read_yaml
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
 from megatron_moe_probe.selection.card import REPO_ROOT, default_card, format_validation_error
 from megatron_moe_probe.selection.recommend import Query, Recommendation, flag_set, recommend
@@ -364,10 +364,7 @@ def load_recipe(spec: str | Path) -> Recipe:
         path = RECIPES_DIR / f"{base}.yaml"
         if not path.is_file():
             raise UsageError(f"unknown recipe {base!r}; allowed: {', '.join(recipe_names()) or '(no recipes found)'} or a path to a .yaml file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"recipe {path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "recipe")
     r = load_recipe_data(data, str(path), variant)
     if path.parent == RECIPES_DIR and r.name != path.stem:
         raise UsageError(f"recipe {path}: field 'name' is {r.name!r} but the file is {path.stem!r}.yaml")
@@ -392,7 +389,7 @@ def all_recipe_specs() -> list[str]:
     """Every NAME and NAME:VARIANT in recipes/ (what CI validates)."""
     out = []
     for p in recipe_paths():
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p, "recipe") or {}
         out.append(p.stem)
         out.extend(f"{p.stem}:{v}" for v in (data.get("variants") or {}))
     return out

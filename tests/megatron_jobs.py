@@ -51,34 +51,24 @@ def dispatcher_truth(binding) -> dict:
 
 
 def probe_vs_dispatcher(rank, world, cfg, steps=3, capture=True):
-    cc.init_parallel(cfg)
-    model = cc.build_model(cfg)
-    probe = attach([model])
-    truth = []
-    for step in range(steps):
-        cc.forward_backward(model, batch(cfg, rank, step))
-        if capture:
-            truth.append({b.slot: dispatcher_truth(b) for b in probe.bindings})
-        probe.step()
-    snap = probe.snapshot()
-    probe.detach()
-    return {"snapshot": snap, "truth": truth, "layout": probe.layout}
+    return _each_variant(rank, cfg, {None: {}}, steps, capture)[None]
 
 
-def capacity_pair(rank, world, cfg, steps=2):
-    """The same model and data with and without padding to capacity."""
+def _each_variant(rank, cfg, variants: dict, steps: int, capture: bool):
+    """Same seed and data for every variant of cfg: {key: changes} -> {key: probe result}."""
     out = {}
-    for pad in (False, True):
-        c = cfg.with_(pad_to_capacity=pad)
+    for key, changes in variants.items():
+        c = cfg.with_(**changes)
         cc.init_parallel(c) if not out else _reseed(c)
         model = cc.build_model(c)
         probe = attach([model])
         truth = []
         for step in range(steps):
             cc.forward_backward(model, batch(c, rank, step))
-            truth.append({b.slot: dispatcher_truth(b) for b in probe.bindings})
+            if capture:
+                truth.append({b.slot: dispatcher_truth(b) for b in probe.bindings})
             probe.step()
-        out[pad] = {"snapshot": probe.snapshot(), "truth": truth, "layout": probe.layout}
+        out[key] = {"snapshot": probe.snapshot(), "truth": truth, "layout": probe.layout}
         probe.detach()
     return out
 
@@ -90,20 +80,15 @@ def _reseed(cfg):
     mc_random.model_parallel_cuda_manual_seed(cfg.seed)
 
 
+def capacity_pair(rank, world, cfg, steps=2):
+    """The same model and data with and without padding to capacity."""
+    return _each_variant(rank, cfg, {pad: {"pad_to_capacity": pad} for pad in (False, True)}, steps, True)
+
+
 def recompute_pair(rank, world, cfg, steps=2):
     """Counts with full activation recomputation must equal counts without it."""
-    out = {}
-    for recompute in (False, True):
-        c = cfg.with_(recompute=recompute)
-        cc.init_parallel(c) if not out else _reseed(c)
-        model = cc.build_model(c)
-        probe = attach([model])
-        for step in range(steps):
-            cc.forward_backward(model, batch(c, rank, step))
-            probe.step()
-        out[recompute] = probe.snapshot()
-        probe.detach()
-    return out
+    both = _each_variant(rank, cfg, {r: {"recompute": r} for r in (False, True)}, steps, False)
+    return {key: result["snapshot"] for key, result in both.items()}
 
 
 def _grads(model):
@@ -255,3 +240,16 @@ def session_run(rank, world, cfg, out_dir, steps, interval, timing):
             flushed.append(it)
     session.close(steps)
     return {"flushed": flushed, "reports": session.reports_written}
+
+
+def pipeline_layers(rank, world, cfg):
+    """Which global layers each pipeline (and virtual) stage's routers claim, and what a
+    flush reports on every rank (no forward needed: the flush is a collective)."""
+    cc.init_parallel(cfg)
+    stages = range(cfg.vpp) if cfg.vpp else [None]
+    chunks = [cc.build_model(cfg, vp_stage=v) for v in stages]
+    probe = attach(chunks)
+    probe.step()
+    snap = probe.snapshot()
+    probe.detach()
+    return {"slots": sorted(b.slot for b in probe.bindings), "reported": snap.layers}

@@ -188,3 +188,18 @@ def test_error_in_hook_disables_probe_but_training_continues():
         assert res["enabled"] is False
         assert res["loss"] == res["loss"] and res["loss2"] == res["loss2"]  # finite, computed
         assert len([m for m in res["messages"] if "disabled" in m]) == 1
+
+
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_pipeline_and_virtual_stages_fill_disjoint_global_layers(vpp):
+    cfg = BASE.with_(num_layers=8, pp=2, ep=1, vpp=vpp)
+    results = run_ranks(jobs.pipeline_layers, 2, cfg)
+    claimed = [set(r["slots"]) for r in results]
+    assert not claimed[0] & claimed[1]
+    assert claimed[0] | claimed[1] == set(range(8))
+    if vpp is None:  # stage 0 holds layers 1-4, stage 1 layers 5-8
+        assert claimed[0] == {0, 1, 2, 3}
+    else:  # interleaved: stage 0 holds chunks (1-2, 5-6), stage 1 (3-4, 7-8)
+        assert claimed[0] == {0, 1, 4, 5}
+    for r in results:  # every rank's report names all eight layers
+        assert r["reported"] == list(range(1, 9))

@@ -36,6 +36,7 @@ class TinyMoEConfig:
     tp: int = 1
     ep: int = 2
     pp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank
     dispatcher: str = "alltoall"
     capacity_factor: float | None = None
     pad_to_capacity: bool = False
@@ -126,6 +127,7 @@ def init_parallel(cfg: TinyMoEConfig) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
+        virtual_pipeline_model_parallel_size=cfg.vpp,
         expert_model_parallel_size=cfg.ep,
         create_gloo_process_groups=False,
     )
@@ -153,6 +155,7 @@ def transformer_config(cfg: TinyMoEConfig):
         moe_layer_freq=cfg.moe_layer_freq,
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
+        virtual_pipeline_model_parallel_size=cfg.vpp,
         expert_model_parallel_size=cfg.ep,
         sequence_parallel=cfg.sequence_parallel,
         use_cpu_initialization=True,
@@ -175,19 +178,24 @@ def transformer_config(cfg: TinyMoEConfig):
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: TinyMoEConfig):
-    """Megatron's GPTModel with MoE layers (local spec, no transformer-engine)."""
+def build_model(cfg: TinyMoEConfig, vp_stage: int | None = None):
+    """Megatron's GPTModel with MoE layers (local spec, no transformer-engine): this rank's
+    pipeline stage (and virtual stage `vp_stage`, if any)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     config = transformer_config(cfg)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         position_embedding_type="rope",
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
     )
     return model
 

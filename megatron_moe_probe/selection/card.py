@@ -17,10 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.yaml_io import read_yaml
 
 BackendId = Literal["alltoall", "allgather", "deepep", "hybridep", "ncclep"]
 BACKEND_IDS: tuple[str, ...] = ("alltoall", "allgather", "deepep", "hybridep", "ncclep")
@@ -342,10 +342,7 @@ def load_card(path: Path | str | None = None) -> Card:
     p = Path(path) if path is not None else CARD_PATH
     if not p.is_file():
         raise UsageError(f"skill card not found at {p} (the package expects the repository layout: skills/perf-moe-dispatcher-selection/card.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"skill card {p} is not valid YAML: {exc}") from exc
+    data = read_yaml(p, "skill card")
     try:
         return Card.model_validate(data)
     except ValidationError as exc:
