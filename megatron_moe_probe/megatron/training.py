@@ -79,13 +79,17 @@ class ProbeSession:
         """Reduce, summarize and write the interval so far (collective). No-op if empty."""
         if not self.alive or self.probe.probe.steps_in_interval == 0:
             return None
-        try:
-            from megatron_moe_probe.summarize import build_report
+        from megatron_moe_probe.summarize import build_report
 
-            snap = self.probe.snapshot(step=iteration)
-            report = build_report(snap)
+        try:
+            snap = self.probe.snapshot(step=iteration)  # the collective part
         except Exception as exc:
             self._die(exc)
+            return None
+        try:
+            report = build_report(snap)  # local: on failure skip this report but stay in step with
+        except Exception as exc:  # the other ranks, which will all-reduce again next interval
+            log.warning("moe-probe: could not summarize the interval ending at %d: %r", iteration, exc)
             return None
         if report.meta.get("ranks_failed"):
             log.warning("moe-probe: %d rank(s) disabled their probe after an error; counts are incomplete",
