@@ -253,3 +253,16 @@ def pipeline_layers(rank, world, cfg):
     snap = probe.snapshot()
     probe.detach()
     return {"slots": sorted(b.slot for b in probe.bindings), "reported": snap.layers}
+
+
+def attach_to_dense_model(rank, world, cfg):
+    """A model without MoE layers: attach must refuse with a message naming the problem."""
+    from megatron_moe_probe.megatron.hooks import ProbeSetupError
+
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    try:
+        attach([model])
+    except ProbeSetupError as exc:
+        return str(exc)
+    return None

@@ -203,3 +203,9 @@ def test_pipeline_and_virtual_stages_fill_disjoint_global_layers(vpp):
         assert claimed[0] == {0, 1, 4, 5}
     for r in results:  # every rank's report names all eight layers
         assert r["reported"] == list(range(1, 9))
+
+
+def test_model_without_moe_layers_is_a_clear_setup_error():
+    cfg = BASE.with_(num_experts=None, ep=1)
+    messages = run_ranks(jobs.attach_to_dense_model, 2, cfg)
+    assert all(m and "no Megatron MoE layers" in m for m in messages), messages

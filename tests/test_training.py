@@ -116,3 +116,10 @@ def test_install_wraps_and_uninstall_restores_megatron_training():
     finally:
         training.uninstall()
     assert (mt.train_step, mt.save_checkpoint_and_time, mt.train) == before
+
+
+def test_probe_flags_without_the_switch_are_named():
+    args = _parse(["--moe-probe-timing", "--moe-probe-interval", "4"])
+    assert flags.flags_without_probe(args) == ["--moe-probe-interval", "--moe-probe-timing"]
+    assert flags.flags_without_probe(_parse(["--moe-probe", "--moe-probe-timing"])) == []
+    assert flags.flags_without_probe(_parse([])) == []

@@ -172,6 +172,9 @@ def transformer_config(cfg: TinyMoEConfig):
         attention_dropout=0.0,
         pipeline_dtype=torch.float32,
     )
+    if cfg.num_experts is None:  # a dense model: Megatron rejects MoE settings without experts
+        for key in [k for k in kwargs if k.startswith("moe_")]:
+            del kwargs[key]
     if cfg.recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(cfg.extra)

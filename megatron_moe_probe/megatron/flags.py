@@ -77,6 +77,18 @@ def chain_args(*providers: Optional[Callable]) -> Callable:
     return provider
 
 
+def flags_without_probe(args) -> list[str]:
+    """Probe flags given while --moe-probe is off: they would silently do nothing."""
+    if getattr(args, "moe_probe", False):
+        return []
+    defaults = {"moe_probe_heatmap_every": 10}
+    return [
+        "--" + name.replace("_", "-")
+        for name, value in sorted(vars(args).items())
+        if name.startswith("moe_probe_") and value not in (None, False, defaults.get(name))
+    ]
+
+
 def resolve(args) -> dict:
     """Effective probe settings from parsed Megatron args, with defaults filled in."""
     import os

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, resolve  # noqa: F401 (re-exported)
+from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, flags_without_probe, resolve  # noqa: F401
 from megatron_moe_probe.report import IntervalReport
 
 log = logging.getLogger("megatron_moe_probe")
@@ -138,6 +138,9 @@ def _make_session(model) -> Optional[ProbeSession]:
 
     args = get_args()
     if not getattr(args, "moe_probe", False):
+        ignored = flags_without_probe(args)
+        if ignored:
+            log.warning("moe-probe: %s given without --moe-probe: the probe is off", ", ".join(ignored))
         return None
     settings = resolve(args)
     rank, world = _rank_and_world()
