@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU verification and overhead measurement need, in one device call.
 #   bash benchmarks/gpu_session.sh OUT_DIR [ITERS_AB]
+#   env: ONLY_AB=1 (overhead only), VARIANT=tiny-gpu:ep4 (recipe for steps 1-3),
+#        COMPARE="tiny-gpu:ep4 tiny-gpu:ep4-allgather" (step 5: train each, then moe-probe compare)
 # Expects the wheels the GPU image lacks in .whl/ (megatron-core, pydantic, wandb and their needs)
 # and 2 GPUs. Results: OUT_DIR/results.tgz (runs, TensorBoard, wandb offline, JSON) + logs.
 set -uo pipefail
@@ -12,7 +14,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi -L | tee $RES/gpus.txt
 NGPU=$(nvidia-smi -L | wc -l)
 CLI="python3 -m megatron_moe_probe.cli"
-VARIANT=tiny-gpu; [ "$NGPU" = 1 ] && VARIANT=tiny-gpu:1gpu
+VARIANT=${VARIANT:-tiny-gpu}; [ "$NGPU" = 1 ] && VARIANT=tiny-gpu:1gpu
 step() { echo "=== $1 ($(date +%T))"; }
 
 if [ "${ONLY_AB:-0}" = 1 ]; then RC1=0; else
@@ -46,4 +48,16 @@ CUDA_VISIBLE_DEVICES=0 $CLI train tiny-gpu:1gpu -- --train-iters 20 --moe-probe-
   --moe-probe-writers local,console --moe-probe-interval 10 > $RES/run_1gpu.log 2>&1
 echo "exit $?" | tee -a $RES/run_1gpu.log; tail -8 $RES/run_1gpu.log
 fi
+if [ -n "${COMPARE:-}" ]; then
+step "5. dispatcher comparison: $COMPARE (${COMPARE_ITERS:-100} iterations each)"
+RUNS=()
+for v in $COMPARE; do
+  d=$RES/cmp_${v//[:]/_}; mkdir -p $d
+  $CLI train $v -- --train-iters ${COMPARE_ITERS:-100} --moe-probe-dir $d --moe-probe-writers local \
+    --moe-probe-interval 10 > $d/megatron.log 2>&1; echo "$v exit $?"; RUNS+=($d)
+done
+$CLI compare "${RUNS[@]}" --warmup 20 --plot $RES/compare.png | tee $RES/compare.txt
+$CLI compare "${RUNS[@]}" --warmup 20 --json > $RES/compare.json
+fi
+for r in run_mock run_text run_1gpu; do [ -d $RES/$r ] && cp $RES/$r.log $RES/$r/megatron.log; done
 tar czf $OUT/results.tgz -C $RES . && ls -la $OUT

@@ -17,6 +17,7 @@ from megatron_moe_probe.errors import UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_moe_probe.demo", "tiny MoE training on CPU (2 ranks, EP=2) with the probe on"),
     "recommend": ("megatron_moe_probe.selection.recommend", "which token dispatcher to use, and its flags"),
+    "compare": ("megatron_moe_probe.compare", "compare runs: step time, TFLOP/s, memory, loss parity, routing"),
     "render": ("megatron_moe_probe.recipes", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
     "train": ("megatron_moe_probe.megatron.launch", "Megatron-Core pretraining with the probe on, through torchrun (needs GPUs)"),
     "build-dataset": ("megatron_moe_probe.megatron.data", "build a Megatron indexed dataset (.bin/.idx) from local text files"),

@@ -1,0 +1,67 @@
+"""`moe-probe compare` on two real probe runs from 2xH200 (tests/data/h200_*: the local store
+and Megatron's log lines of a mock-data and a real-text run of the tiny-gpu recipe)."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_moe_probe.compare import compare
+from megatron_moe_probe.megatron.train_log import read_train_log
+
+DATA = Path(__file__).parent / "data"
+RUNS = [DATA / "h200_run_mock", DATA / "h200_run_text"]
+
+
+def _log_numbers(path):
+    """Independent reading of Megatron's lines: split on '|' and ':' by hand."""
+    times, losses, mem = {}, {}, []
+    for line in path.read_text().splitlines():
+        if "max allocated:" in line:
+            mem.append(float(line.split("max allocated:")[1].split("|")[0]))
+        elif "iteration" in line and "elapsed time per iteration" in line:
+            it = int(line.split("iteration")[1].split("/")[0])
+            cells = {c.split(":")[0].strip(): c.split(":")[1].strip() for c in line.split("|")[1:] if ":" in c}
+            times[it] = float(cells["elapsed time per iteration (ms)"])
+            losses[it] = float(cells["lm loss"])
+    return times, losses, max(mem)
+
+
+def test_train_log_parser_reads_megatrons_lines():
+    log = read_train_log(RUNS[0] / "megatron.log")
+    times, losses, mem = _log_numbers(RUNS[0] / "megatron.log")
+    assert log.iterations == sorted(times)
+    assert dict(log.series("elapsed time per iteration (ms)")) == times
+    assert dict(log.series("lm loss")) == losses
+    assert log.max_allocated_mb[0] == mem
+
+
+def test_compare_two_h200_runs():
+    rows = compare(RUNS, {}, warmup=10)
+    for run, row in zip(RUNS, rows):
+        times, losses, mem = _log_numbers(run / "megatron.log")
+        assert row["ms_per_iter"] == statistics.median(v for it, v in times.items() if it > 10)
+        assert row["final_lm_loss"] == losses[max(losses)]
+        assert row["max_allocated_mb"] == mem
+        reports = [json.loads(line) for line in (run / "intervals.jsonl").read_text().splitlines()]
+        kept = [r for r in reports if r["step"] > 10]
+        per_layer = [statistics.median(r["per_layer"][i]["max_over_mean"] for r in kept)
+                     for i in range(len(kept[0]["layers"]))]
+        assert row["max_over_mean_per_layer"] == per_layer
+        assert row["max_over_mean"] == statistics.median(per_layer)
+        assert row["ep"] == 2 and row["intervals"] == len(kept)
+    assert rows[0]["loss_delta_vs_first"] == 0
+    assert rows[1]["loss_delta_vs_first"] == rows[1]["final_lm_loss"] - rows[0]["final_lm_loss"]
+
+
+def test_compare_cli_table_plot_and_bad_input(tmp_path):
+    plot = tmp_path / "cmp.png"
+    cmd = [sys.executable, "-m", "megatron_moe_probe.cli", "compare", *map(str, RUNS), "--plot", str(plot)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "h200_run_mock" in proc.stdout and "h200_run_text" in proc.stdout
+    assert plot.stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "megatron_moe_probe.cli", "compare", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a run folder" in bad.stderr
