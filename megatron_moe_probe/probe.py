@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -223,5 +223,3 @@ class PhaseTimer:
     def read_and_reset(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-
-ErrorHandler = Callable[[BaseException], None]

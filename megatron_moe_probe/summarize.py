@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from megatron_moe_probe import stats
 from megatron_moe_probe.probe import Snapshot
 from megatron_moe_probe.report import IntervalReport
@@ -18,7 +16,7 @@ def _f(x) -> float:
     return float(x)
 
 
-def build_report(snap: Snapshot, meta: dict | None = None) -> IntervalReport:
+def build_report(snap: Snapshot) -> IntervalReport:
     counts = snap.tokens_per_expert  # [L, E]
     interval = stats.layer_stats(counts, snap.ep_size)
     matrix = stats.rank_matrix_from_source_counts(snap.source_expert_counts, snap.ep_size)  # [L, EP, EP]
@@ -53,7 +51,6 @@ def build_report(snap: Snapshot, meta: dict | None = None) -> IntervalReport:
     all_meta = dict(snap.meta)
     if snap.dropped_per_source is not None:
         all_meta["dropped_per_source"] = snap.dropped_per_source.tolist()
-    all_meta.update(meta or {})
     return IntervalReport(
         step=int(snap.step),
         steps=int(snap.steps),

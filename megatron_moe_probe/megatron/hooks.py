@@ -66,7 +66,7 @@ def _group_ranks(group) -> list[int]:
     return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
 
 
-def _group_rank_size(group) -> tuple[int, int]:
+def group_rank_size(group=None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -80,14 +80,14 @@ def build_layout(moe_layers: list, gpus_per_node: Optional[int] = None) -> Probe
     config = first.config
     dispatcher = first.token_dispatcher
     ep_group = getattr(dispatcher, "ep_group", None)
-    ep_rank, ep_size = _group_rank_size(ep_group)
+    ep_rank, ep_size = group_rank_size(ep_group)
     ep_ranks = _group_ranks(ep_group)
     if gpus_per_node is None:
         gpus_per_node = _local_world_size()
     nodes = stats.node_of_ranks(ep_ranks, gpus_per_node)
     locality = stats.locality_classes(nodes[ep_rank], nodes, ep_rank)
     # Without sequence parallelism every TP rank's router sees the same tokens: count them once.
-    tp_rank, tp_size = _group_rank_size(getattr(first.router, "tp_group", None))
+    tp_rank, tp_size = group_rank_size(getattr(first.router, "tp_group", None))
     weight = 1 if (tp_size == 1 or config.sequence_parallel or tp_rank == 0) else 0
     num_slots = config.num_layers + int(getattr(config, "mtp_num_layers", None) or 0)
     return ProbeLayout(

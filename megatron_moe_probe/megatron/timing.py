@@ -64,7 +64,6 @@ class DispatcherTimer(PhaseTimer):
         self.should_time = should_time
         self.pool = _EventPool(max_events)
         self._pairs: list[tuple[int, str, object, object]] = []
-        self._open: dict[tuple[int, str, int], object] = {}
         self.skipped = 0
         self.steps = 0
         self._restore: list[tuple[object, str, object]] = []
@@ -129,11 +128,9 @@ class DispatcherTimer(PhaseTimer):
 
     def read_and_reset(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean milliseconds per step for each phase, [len(rows)] in `rows` order (NaN where
-        a phase never ran). Synchronizes on the last event: call only at a flush."""
+        a phase never ran). Synchronizes on the events: call only at a flush."""
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(self.num_slots, dtype=torch.float64))
         seen: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(self.num_slots, dtype=torch.bool))
-        if self._pairs:
-            self._pairs[-1][3].synchronize()
         for slot, phase, start, end in self._pairs:
             end.synchronize()
             totals[phase][slot] += start.elapsed_time(end)

@@ -20,19 +20,11 @@ import logging
 import sys
 from typing import Any, Optional
 
-import torch
-import torch.distributed as dist
 
 from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, flags_without_probe, resolve  # noqa: F401
 from megatron_moe_probe.report import IntervalReport
 
 log = logging.getLogger("megatron_moe_probe")
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # Observers (benchmarks, custom alerts): called with each new session / each report, on every rank.
@@ -49,7 +41,7 @@ class ProbeSession:
     """
 
     def __init__(self, model_chunks, *, interval: int, writers=None, gpus_per_node: Optional[int] = None,
-                 history: Optional[int] = None, timing: bool = False, run_meta: Optional[dict] = None):
+                 history: Optional[int] = None, timing: bool = False):
         from megatron_moe_probe.megatron.hooks import attach
 
         self.interval = interval
@@ -57,7 +49,6 @@ class ProbeSession:
         if timing:
             self.probe.enable_timing()
         self.writers = writers
-        self.run_meta = run_meta or {}
         self.reports_written = 0
         self.last_report: Optional[IntervalReport] = None
         self.alive = True
@@ -143,7 +134,9 @@ def _make_session(model) -> Optional[ProbeSession]:
             log.warning("moe-probe: %s given without --moe-probe: the probe is off", ", ".join(ignored))
         return None
     settings = resolve(args)
-    rank, world = _rank_and_world()
+    from megatron_moe_probe.megatron.hooks import group_rank_size
+
+    rank, world = group_rank_size()
     writer_rank = world - 1  # Megatron's TensorBoard/wandb writers live on the last rank
     try:
         from megatron.training.global_vars import get_tensorboard_writer
