@@ -1,0 +1,186 @@
+"""A window of a recorded run: the interval reports to analyse, as tensors, plus the model
+settings the cost model needs, looked up in meta.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_moe_probe import stats
+from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.writers.local import load_run
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """Consecutive interval reports of one run with one configuration (E, EP, layers)."""
+
+    path: Path
+    meta: dict[str, Any]
+    reports: list[IntervalReport]
+    layers: list[int]  # global layer numbers analysed (a subset of the reports' layers)
+    num_experts: int
+    ep_size: int
+
+    def _layer_positions(self) -> list[int]:
+        return [self.reports[0].layers.index(n) for n in self.layers]
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[interval, layer, expert] counts (int64)."""
+        pos = self._layer_positions()
+        return torch.tensor([[r.tokens_per_expert[i] for i in pos] for r in self.reports], dtype=torch.int64)
+
+    def rank_matrix(self) -> torch.Tensor:
+        """[interval, layer, src EP rank, dst EP rank] counts (int64)."""
+        pos = self._layer_positions()
+        return torch.tensor([[r.rank_matrix[i] for i in pos] for r in self.reports], dtype=torch.int64)
+
+    def step_mean(self, stat: str) -> list[float]:
+        """Per layer: the mean over every iteration of the window of a per-step statistic the
+        probe recorded (`<stat>_step_mean`, weighted by each interval's iterations); NaN when
+        the records lack it."""
+        out = []
+        for i in self._layer_positions():
+            pairs = [(r.steps, r.per_layer[i].get(f"{stat}_step_mean", math.nan)) for r in self.reports]
+            pairs = [(n, v) for n, v in pairs if v is not None and not math.isnan(v)]
+            weight = sum(n for n, _ in pairs)
+            out.append(sum(n * v for n, v in pairs) / weight if weight else math.nan)
+        return out
+
+    @property
+    def first_step(self) -> int:
+        """First training iteration the window covers."""
+        return self.reports[0].step - self.reports[0].steps + 1
+
+    @property
+    def last_step(self) -> int:
+        return self.reports[-1].step
+
+    def describe_steps(self) -> str:
+        count = len(self.reports)
+        return f"iterations {self.first_step}-{self.last_step} ({count} interval{'s' if count > 1 else ''})"
+
+    def halves(self) -> tuple["RunWindow", "RunWindow | None"]:
+        """(first half, second half) of the intervals, for fitting on one and testing on the
+        other; the second is None when there is a single interval."""
+        cut = len(self.reports) // 2
+        if cut == 0:
+            return self, None
+        return replace(self, reports=self.reports[:cut]), replace(self, reports=self.reports[cut:])
+
+    def setting(self, name: str) -> tuple[Any, str] | None:
+        """(value, where it came from) of a model setting (see SETTINGS), or None if unknown."""
+        if name in ("topk", "gpus_per_node"):  # the probe records both
+            value = self.reports[-1].meta.get(name, (self.meta.get("probe") or {}).get(name))
+            if value is not None:
+                return int(value), "run records"
+        if name == "bytes_per_element":
+            return _activation_bytes(self.meta)
+        return _meta_setting(self.meta, *SETTINGS[name])
+
+
+# Per-layer statistics compared between layers and runs (all from stats.py).
+IMBALANCE_STATS = ("max_over_mean", "gini", "entropy")
+
+
+def layer_imbalance(window: RunWindow) -> dict[str, dict[str, list[float]]]:
+    """Per statistic, per layer: on the window's summed counts ("window") and the mean of the
+    per-iteration values the probe recorded ("step"; NaN when not recorded). Summing over
+    iterations smooths imbalance; the per-iteration value is what makes a GPU wait."""
+    counts = window.tokens_per_expert().sum(0)
+    return {name: {"window": stats.EXPERT_STATS[name][0](counts).tolist(), "step": window.step_mean(name)}
+            for name in IMBALANCE_STATS}
+
+
+# name -> (key in meta["args"] (Megatron's arguments), key in meta["model"] (the demo's model
+# config), flag in meta["command"] (the launch command line))
+SETTINGS: dict[str, tuple[str, str | None, str]] = {
+    "hidden_size": ("hidden_size", "hidden_size", "--hidden-size"),
+    "topk": ("moe_router_topk", "topk", "--moe-router-topk"),
+    "micro_batch_size": ("micro_batch_size", "micro_batch_size", "--micro-batch-size"),
+    "seq_length": ("seq_length", "seq_length", "--seq-length"),
+    "tensor_parallel": ("tensor_model_parallel_size", "tp", "--tensor-model-parallel-size"),
+    "context_parallel": ("context_parallel_size", None, "--context-parallel-size"),
+    "gpus_per_node": ("moe_probe_gpus_per_node", None, "--moe-probe-gpus-per-node"),
+}
+
+
+def _command_flag(command: list[str], flag: str) -> str | None:
+    """Value of the last occurrence of `flag` (argparse keeps the last one)."""
+    value = None
+    for i, item in enumerate(command):
+        if item == flag and i + 1 < len(command):
+            value = command[i + 1]
+        elif item.startswith(flag + "="):
+            value = item.split("=", 1)[1]
+    return value
+
+
+def _meta_setting(meta: dict[str, Any], arg_key: str, model_key: str | None, flag: str) -> tuple[int, str] | None:
+    args, model = meta.get("args") or {}, meta.get("model") or {}
+    if args.get(arg_key) is not None:
+        return int(args[arg_key]), f"meta args.{arg_key}"
+    if model_key and model.get(model_key) is not None:
+        return int(model[model_key]), f"meta model.{model_key}"
+    value = _command_flag(meta.get("command") or [], flag)
+    if value is not None:
+        return int(value), f"meta command {flag}"
+    return None
+
+
+def _activation_bytes(meta: dict[str, Any]) -> tuple[int, str] | None:
+    """Bytes per activation element the dispatcher moves: 2 with --bf16/--fp16, 4 when the
+    recorded configuration has neither (Megatron then trains in fp32), None if unknown."""
+    args, command = meta.get("args") or {}, meta.get("command") or []
+    if args.get("bf16") or args.get("fp16"):
+        return 2, "meta args bf16/fp16"
+    if "--bf16" in command or "--fp16" in command:
+        return 2, "meta command --bf16/--fp16"
+    if args or meta.get("model"):
+        return 4, "meta: no bf16/fp16, fp32"
+    return None
+
+
+def parse_steps(text: str | None) -> tuple[int | None, int | None]:
+    """'START:END' (either side may be empty) -> (start, end)."""
+    if not text:
+        return None, None
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return (int(start) if start.strip() else None, int(end) if end.strip() else None)
+    except ValueError:
+        raise UsageError(f"--steps wants START:END (iteration numbers, either may be empty), got {text!r}") from None
+
+
+def load_window(path: str | Path, steps: str | None = None, layers: list[int] | None = None) -> RunWindow:
+    """The intervals of a run folder whose closing iteration is within `steps` ('START:END',
+    inclusive), restricted to `layers` (global layer numbers; None = all)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"not a run folder: {path}")
+    meta, reports = load_run(path)
+    if not reports:
+        raise UsageError(f"{path}: no probe reports in its intervals.jsonl")
+    start, end = parse_steps(steps)
+    kept = [r for r in reports if (start is None or r.step >= start) and (end is None or r.step <= end)]
+    if not kept:
+        raise UsageError(f"{path}: no interval closes within --steps {steps} "
+                         f"(intervals close at {', '.join(str(r.step) for r in reports)})")
+    first = kept[0]
+    for r in kept[1:]:
+        if (r.num_experts, r.ep_size, r.layers) != (first.num_experts, first.ep_size, first.layers):
+            raise UsageError(f"{path}: the run changes experts, EP or layers at iteration {r.step}; "
+                             "choose a --steps range with one configuration")
+    chosen = list(first.layers) if layers is None else layers
+    missing = [n for n in chosen if n not in first.layers]
+    if missing:
+        raise UsageError(f"{path}: no layer {', '.join(map(str, missing))} "
+                         f"(its MoE layers: {', '.join(map(str, first.layers))})")
+    return RunWindow(path, meta, kept, chosen, first.num_experts, first.ep_size)
