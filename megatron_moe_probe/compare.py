@@ -2,7 +2,7 @@
 
 Each RUN is a probe run folder (the local writer's `intervals.jsonl` + `meta.json`).
 If the folder holds `megatron.log` (or `--log RUN=FILE` names one), Megatron's own
-numbers come from it: iteration time and TFLOP/s (medians over the intervals after
+numbers come from it (from `train.jsonl` for `moe-probe demo` runs): iteration time and TFLOP/s (medians over the intervals after
 `--warmup`), the largest `max allocated` memory, and the last logged LM loss, with
 its difference to the first run's (loss parity between dispatchers).
 """
@@ -35,8 +35,20 @@ def _median(values):
     return statistics.median(values) if values else math.nan
 
 
-def summarize_run(run: Path, log_file: Path | None, warmup: int) -> dict:
-    from megatron_moe_probe.megatron.train_log import read_train_log
+def training_log(run: Path, explicit: Path | None = None):
+    """Megatron's numbers for a run: --log FILE, RUN/megatron.log, or the demo's RUN/train.jsonl."""
+    from megatron_moe_probe.megatron.train_log import read_train_jsonl, read_train_log
+
+    if explicit is not None:
+        return read_train_log(explicit)
+    if (run / "megatron.log").is_file():
+        return read_train_log(run / "megatron.log")
+    if (run / "train.jsonl").is_file():
+        return read_train_jsonl(run / "train.jsonl")
+    return None
+
+
+def summarize_run(run: Path, log, warmup: int) -> dict:
     from megatron_moe_probe.writers.local import load_run
 
     meta, reports = load_run(run)
@@ -47,11 +59,12 @@ def summarize_run(run: Path, log_file: Path | None, warmup: int) -> dict:
         meta.get("dispatcher"), list) else meta.get("dispatcher"), "ep": kept[-1].ep_size,
         "intervals": len(kept), "layers": kept[-1].layers}
     per_layer = list(zip(*[r.per_layer for r in kept]))  # layer -> its rows over intervals
-    for key in ("max_over_mean", "max_over_mean_step_worst", "rank_max_over_mean", "inter_node_fraction", *TIMING):
+    row["data"] = meta.get("data")
+    for key in ("max_over_mean", "max_over_mean_step_worst", "gini", "rank_max_over_mean", "receiver_skew",
+                "inter_node_fraction", *TIMING):
         row[key] = _median([_median([x.get(key, math.nan) for x in rows]) for rows in per_layer])
     row["max_over_mean_per_layer"] = [_median([x["max_over_mean"] for x in rows]) for rows in per_layer]
-    if log_file is not None:
-        log = read_train_log(log_file)
+    if log is not None:
         after = [f for it, f in zip(log.iterations, log.fields) if it > warmup] or log.fields
         row["ms_per_iter"] = _median([f.get("elapsed time per iteration (ms)") for f in after])
         row["tflops_per_gpu"] = _median([f.get("throughput per GPU (TFLOP/s/GPU)") for f in after])
@@ -66,8 +79,7 @@ def compare(runs: list[Path], logs: dict[str, Path], warmup: int) -> list[dict]:
     for run in runs:
         if not run.is_dir():
             raise UsageError(f"not a run folder: {run}")
-        log_file = logs.get(str(run)) or (run / "megatron.log" if (run / "megatron.log").is_file() else None)
-        rows.append(summarize_run(run, log_file, warmup))
+        rows.append(summarize_run(run, training_log(run, logs.get(str(run))), warmup))
     base = rows[0].get("final_lm_loss")
     for row in rows:
         loss = row.get("final_lm_loss")
@@ -87,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1, default=str)
         print()
     else:
-        _print_table(rows)
+        print_table(rows)
     if args.plot:
-        _plot(rows, Path(args.plot))
+        plot_runs(rows, Path(args.plot))
         print(f"plot: {args.plot}")
     return 0
 
@@ -98,7 +110,7 @@ def _fmt(value, spec):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def _print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -107,8 +119,12 @@ def _print_table(rows: list[dict]) -> None:
                ("ms/iter", "ms_per_iter", ".1f"), ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
                ("max mem MB", "max_allocated_mb", ".0f"), ("final loss", "final_lm_loss", ".4f"),
                ("Δ loss", "loss_delta_vs_first", "+.4f"), ("max/mean", "max_over_mean", ".3f"),
-               ("worst step", "max_over_mean_step_worst", ".3f"), ("rank max/mean", "rank_max_over_mean", ".3f"),
+               ("worst step", "max_over_mean_step_worst", ".3f"), ("gini", "gini", ".3f"),
+               ("rank max/mean", "rank_max_over_mean", ".3f"), ("recv skew", "receiver_skew", ".3f"),
                ("dispatch fwd ms", "dispatch_fwd_ms", ".2f"), ("combine fwd ms", "combine_fwd_ms", ".2f")]
+    # Columns no run has (CPU runs log no TFLOP/s or memory, runs without timing no dispatch ms) are left out.
+    columns = [c for c in columns if c[1] in ("run", "dispatcher") or any(
+        _fmt(row.get(c[1]), c[2]) != "-" for row in rows)]
     names = [Path(row["run"]).name for row in rows]
     for header, *_ in columns:
         if header == "run":
@@ -121,7 +137,7 @@ def _print_table(rows: list[dict]) -> None:
     Console(width=max(Console().width, 160)).print(table)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def plot_runs(rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), layout="constrained")

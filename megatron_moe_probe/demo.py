@@ -5,11 +5,18 @@ over gloo, expert parallelism 2 with the real alltoall token dispatcher, trained
 with AdamW on byte-level text (the Python standard library's own source, so it
 needs no download). The probe reports every `--interval` iterations to the local
 store and the console; the run ends with a per-layer imbalance table and a plot.
+
+`--ranks 4|8` scans expert parallelism on CPU, `--dispatcher allgather` swaps the
+dispatcher, and `--data mock|random` swaps the text for Megatron's own mock token
+stream (MockGPTLowLevelDataset: ramps 1, 2, 3, ... ending in EOD) or uniform random
+bytes, for mock-vs-real routing. Rank 0 writes every iteration's time and loss to
+RUN/train.jsonl, which `moe-probe compare` reads like Megatron's log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -20,6 +27,8 @@ from megatron_moe_probe.errors import UsageError
 
 # Text the demo trains on: real prose and code, shipped with every Python.
 CORPUS_MODULES = ("argparse", "textwrap", "json.decoder", "pathlib", "logging", "dataclasses")
+DATA_SOURCES = ("text", "mock", "random")
+TRAIN_LOG = "train.jsonl"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, default=10, help="iterations per probe report (default 10)")
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
     p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
-    p.add_argument("--ranks", type=int, default=2, choices=(2, 4), help="processes = EP degree (default 2)")
+    p.add_argument("--ranks", type=int, default=2, choices=(2, 4, 8), help="processes = EP degree (default 2)")
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer, a multiple of --ranks (default 8)")
+    p.add_argument("--data", choices=DATA_SOURCES, default="text",
+                   help="text (stdlib source bytes, default), mock (Megatron's mock token stream), random bytes")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--quiet", action="store_true", help="no per-interval console table")
 
@@ -42,6 +54,29 @@ def corpus_bytes() -> bytes:
     return b"\n".join(parts)
 
 
+def training_tokens(source: str, vocab_size: int):
+    """The token stream the demo samples windows from: as many tokens as the text has."""
+    import numpy
+    import torch
+
+    text = torch.frombuffer(bytearray(corpus_bytes()), dtype=torch.uint8).long()
+    if source == "text":
+        return text
+    if source == "random":
+        return torch.randint(0, vocab_size, (text.numel(),), generator=torch.Generator().manual_seed(0))
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
+
+    # Megatron's own --mock-data documents, concatenated as its GPTDataset would pack them.
+    mock = MockGPTLowLevelDataset(SimpleNamespace(vocab_size=vocab_size, eod=vocab_size - 1))
+    docs, total, i = [], 0, 0
+    while total < text.numel():
+        docs.append(mock[i])
+        total, i = total + len(docs[-1]), i + 1
+    return torch.from_numpy(numpy.concatenate(docs)[: text.numel()])
+
+
 def _rank_main(rank: int, world: int, settings: dict) -> dict:
     import torch
 
@@ -50,7 +85,8 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     from megatron_moe_probe.writers.base import make_writers
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = cc.TinyMoEConfig(ep=world, dispatcher=settings["dispatcher"], micro_batch_size=4)
+    cfg = cc.TinyMoEConfig(ep=world, dispatcher=settings["dispatcher"], micro_batch_size=4,
+                           num_experts=settings["experts"])
     cc.init_parallel(cfg)
     model = cc.build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
@@ -58,11 +94,12 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     writer_rank = world - 1
     names = ["local"] if settings["quiet"] else ["local", "console"]
     meta = {"job": "demo", "model": cfg.__dict__ | {"extra": None}, "world_size": world,
-            "dispatcher": settings["dispatcher"], "interval": settings["interval"]}
+            "dispatcher": settings["dispatcher"], "interval": settings["interval"], "data": settings["data"]}
     writers = make_writers(names, settings["out"], meta, rank=0 if rank == writer_rank else 1)
     session = ProbeSession([model], interval=settings["interval"], writers=writers, gpus_per_node=world)
 
-    data = torch.frombuffer(bytearray(corpus_bytes()), dtype=torch.uint8).long()
+    data = training_tokens(settings["data"], cfg.vocab_size)
+    train_log = open(Path(settings["out"]) / TRAIN_LOG, "w") if rank == 0 else None
     g = torch.Generator().manual_seed(rank)  # each data-parallel rank reads its own windows
     losses, times = [], []
     for it in range(1, settings["steps"] + 1):
@@ -76,13 +113,21 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
         session.after_step(it)
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
+        if train_log:
+            train_log.write(json.dumps({"iteration": it, "elapsed time per iteration (ms)": times[-1] * 1000,
+                                        "lm loss": losses[-1]}) + "\n")
     session.close(settings["steps"])
+    if train_log:
+        train_log.close()
     return {"losses": losses, "step_seconds": times}
 
 
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.interval < 1:
         raise UsageError("--steps and --interval must be >= 1")
+    if args.experts < args.ranks or args.experts % args.ranks:
+        raise UsageError(f"--experts {args.experts} must be a multiple of --ranks {args.ranks} (each EP rank holds "
+                         f"the same number of experts)")
     out = Path(args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -98,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Logs and CI are not terminals; rich would squeeze the table to 80 columns there.
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    console.print(f"[bold]moe-probe demo[/]: Megatron GPTModel, 2 MoE layers x 8 experts (top-2), "
+    console.print(f"[bold]moe-probe demo[/]: Megatron GPTModel, 2 MoE layers x {args.experts} experts (top-2), "
                   f"{args.ranks} CPU ranks over gloo, EP={args.ranks}, {args.dispatcher} dispatcher, "
-                  f"{args.steps} steps -> {out}")
+                  f"{args.data} data, {args.steps} steps -> {out}")
     t0 = time.perf_counter()
     settings = dict(out=str(out), steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
-                    lr=args.lr, quiet=args.quiet)
+                    lr=args.lr, quiet=args.quiet, experts=args.experts, data=args.data)
     results = run_ranks(_rank_main, args.ranks, settings)
     wall = time.perf_counter() - t0
     losses = results[0]["losses"]

@@ -43,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from megatron_moe_probe.cli import args_after_dashdash
 from megatron_moe_probe.errors import UsageError
 
 NO_CUDA = (
@@ -378,22 +379,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 # -- the CLI: torchrun command --------------------------------------------------------------------
 
-def _split_dashdash(parse):
-    """argparse cannot take a positional recipe *and* free-form args after `--`: split first."""
-
-    def parse_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        tail: list[str] = []
-        if "--" in args:
-            i = args.index("--")
-            args, tail = args[:i], args[i + 1:]
-        ns = parse(args, namespace)
-        ns.megatron_args = tail
-        return ns
-
-    return parse_args
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = ("moe-probe train [RECIPE[:VARIANT]] [--variant V] [--nproc-per-node N] [--nnodes M --node-rank R "
                "--master-addr HOST [--master-port P]] [--dry-run] [-- MEGATRON ARGS...]")
@@ -412,8 +397,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assume-installed", default=None, metavar="LIST",
                    help="resolve the recipe's `auto` dispatcher for another machine: comma list "
                         "(deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
+    p.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
+                   help="train the recipe on these indexed datasets (.bin/.idx prefixes, e.g. from "
+                        "`moe-probe build-dataset`) instead of its own data, all of it for training")
     p.add_argument("--dry-run", action="store_true", help="print the exact command (and environment) and exit")
-    p.parse_args = _split_dashdash(p.parse_args)
+    p.parse_args = args_after_dashdash(p.parse_args)
 
 
 def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, str], Optional[int], list[str]]:
@@ -421,9 +409,10 @@ def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, st
     from megatron_moe_probe import recipes
 
     extra = list(getattr(args, "megatron_args", []) or [])
+    data_path = getattr(args, "data_path", None)
     if args.recipe is None:
-        if args.variant:
-            raise UsageError("--variant needs a recipe")
+        if args.variant or data_path:
+            raise UsageError("--variant and --data-path need a recipe (with raw args, give Megatron's own --data-path)")
         if not extra:
             raise UsageError("name a recipe (moe-probe render --list) or give Megatron args after --")
         return extra, {}, None, []
@@ -433,6 +422,13 @@ def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, st
             raise UsageError(f"give the variant once: {spec!r} and --variant {args.variant!r}")
         spec = f"{spec}:{args.variant}"
     r = recipes.load_recipe(spec)
+    if data_path:
+        for prefix in data_path:
+            if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+                raise UsageError(f"--data-path {prefix}: no {prefix}.bin / {prefix}.idx (build one with "
+                                 "`moe-probe build-dataset`)")
+        data = r.data.model_copy(update={"source": "path", "paths": list(data_path), "split": "100,0,0"})
+        r = r.model_copy(update={"data": data})
     availability = None
     if getattr(args, "assume_installed", None) is not None:
         from megatron_moe_probe.selection.availability import assumed, parse_backend_list

@@ -4,10 +4,14 @@ The lines parsed (megatron.training.training.training_log, 0.19):
   `iteration 20/ 30 | ... | elapsed time per iteration (ms): 331.9 | throughput per GPU
   (TFLOP/s/GPU): 32.1 | ... | lm loss: 7.668092E+00 | ...`
   `[Rank 0] (after 10 iterations) memory (MB) | allocated: ... | max allocated: 14785.13 | ...`
+
+`moe-probe demo` (CPU, no Megatron training loop) writes the same numbers as JSON lines,
+one per iteration, keyed by Megatron's own field names; `read_train_jsonl` reads those.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,3 +50,19 @@ def parse_train_log(text: str) -> TrainLog:
 
 def read_train_log(path: str | Path) -> TrainLog:
     return parse_train_log(Path(path).read_text(errors="replace"))
+
+
+def read_train_jsonl(path: str | Path) -> TrainLog:
+    """A `{"iteration": N, "<Megatron field name>": value, ...}` per line; a cut-short last line is skipped."""
+    out = TrainLog()
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        iteration = record.pop("iteration", None)
+        values = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        if iteration is not None and values:
+            out.iterations.append(int(iteration))
+            out.fields.append(values)
+    return out

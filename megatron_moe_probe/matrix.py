@@ -1,0 +1,300 @@
+"""`moe-probe matrix`: train a grid of runs one after another, then compare them.
+
+GPU (Megatron pretraining through `moe-probe train`), targets are recipes:
+    moe-probe matrix tiny-gpu:ep4 tiny-gpu:ep4-allgather --data recipe,/data/textds \\
+        --iters 100 --repeat 2 --out runs/m1 [-- extra Megatron args for every cell]
+CPU (`moe-probe demo`: real Megatron MoE layers over gloo), the grid is EP x dispatcher x data:
+    moe-probe matrix --demo --ep 2,4,8 --dispatcher alltoall,allgather --data text,mock --out runs/m2
+
+Each cell trains in its own process group into OUT/<cell>/ (the probe's local store and
+the training's own log). Its outcome goes to OUT/matrix.json the moment it ends, so an
+interrupted matrix resumes where it stopped: finished cells are skipped unless --rerun.
+A failed cell does not stop the others; the summary names it with the end of its log and
+the exit code is 1. Then `moe-probe compare` over the finished cells (table,
+OUT/compare.json, OUT/compare.png) and, with --repeat, the spread of step time between
+identical runs: the noise floor that a difference between dispatchers has to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megatron_moe_probe.errors import UsageError
+
+MANIFEST = "matrix.json"
+CLI = [sys.executable, "-m", "megatron_moe_probe.cli"]
+
+
+@dataclass
+class Cell:
+    name: str
+    group: str  # the cell's name without its repeat number: identical runs share it
+    params: dict
+    command: list[str]
+    log_name: str  # the training's stdout+stderr, inside the cell folder
+    status: str = "pending"  # pending | ok | failed | interrupted
+    exit_code: int | None = None
+    seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = ("moe-probe matrix RECIPE[:VARIANT]... [--data recipe,PREFIX] [--iters N] --out DIR [-- MEGATRON ARGS]\n"
+               "       moe-probe matrix --demo [--ep 2,4,8] [--dispatcher alltoall,allgather] [--data text,mock,random] "
+               "--out DIR")
+    p.add_argument("targets", nargs="*", help="recipes (NAME or NAME:VARIANT) to train with `moe-probe train`")
+    p.add_argument("--demo", action="store_true", help="CPU grid with `moe-probe demo` instead of recipes")
+    p.add_argument("--ep", default="2,4", help="--demo: EP degrees (processes), from 2, 4, 8 (default 2,4)")
+    p.add_argument("--dispatcher", default="alltoall,allgather", help="--demo: dispatchers (default both)")
+    p.add_argument("--data", default=None,
+                   help="comma list. Recipes: `recipe` (the recipe's own data, default) or indexed dataset "
+                        "prefixes. --demo: text, mock, random (default text)")
+    p.add_argument("--iters", type=int, default=None, help="iterations per cell (default: recipe's / demo's 40)")
+    p.add_argument("--repeat", type=int, default=1, help="identical runs per cell, for the noise floor (default 1)")
+    p.add_argument("--out", required=True, help="matrix folder: one sub-folder per cell, matrix.json, compare.*")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="compare: skip intervals up to this iteration (default: a quarter of --iters)")
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="S", help="stop a cell after S seconds")
+    p.add_argument("--rerun", action="store_true", help="train cells again even when matrix.json says they finished")
+    p.add_argument("--dry-run", action="store_true", help="print each cell's command and exit")
+    from megatron_moe_probe.cli import args_after_dashdash
+
+    p.parse_args = args_after_dashdash(p.parse_args)
+
+
+def _csv(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"{what}: empty list")
+    return items
+
+
+def demo_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
+    from megatron_moe_probe.demo import DATA_SOURCES
+
+    try:
+        eps = [int(x) for x in _csv(args.ep, "--ep")]
+    except ValueError:
+        raise UsageError(f"--ep wants integers, got {args.ep!r}") from None
+    if bad := [e for e in eps if e not in (2, 4, 8)]:
+        raise UsageError(f"--demo runs EP 2, 4 or 8 (one process per EP rank), not {bad}")
+    dispatchers = _csv(args.dispatcher, "--dispatcher")
+    if bad := [d for d in dispatchers if d not in ("alltoall", "allgather")]:
+        raise UsageError(f"--demo dispatchers are alltoall and allgather, not {bad}")
+    data = _csv(args.data or "text", "--data")
+    if bad := [d for d in data if d not in DATA_SOURCES]:
+        raise UsageError(f"--demo data is one of {', '.join(DATA_SOURCES)}, not {bad}")
+    experts = max(8, *eps)  # the same model in every cell, whatever its EP
+    grid = []
+    for ep, dispatcher, source in itertools.product(eps, dispatchers, data):
+        cmd = [*CLI, "demo", "--ranks", str(ep), "--dispatcher", dispatcher, "--data", source,
+               "--experts", str(experts), "--steps", str(args.iters or 40), "--quiet", "--out"]
+        grid.append((f"ep{ep}-{dispatcher}-{source}", {"ep": ep, "dispatcher": dispatcher, "data": source,
+                                                       "experts": experts}, cmd, []))
+    return _with_repeats(grid, args.repeat, out, "demo.log")
+
+
+def recipe_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
+    from megatron_moe_probe import recipes
+
+    if not args.targets:
+        raise UsageError("name recipes to train (moe-probe render --list), or give --demo")
+    # Loading each recipe now makes a typo fail before an hour of other cells, not after.
+    ep_of = {target: recipes.load_recipe(target).parallelism.ep for target in args.targets}
+    data = _csv(args.data or "recipe", "--data")
+    for prefix in data:
+        if prefix != "recipe" and not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
+            raise UsageError(f"--data {prefix}: no {prefix}.bin / {prefix}.idx (`recipe` means the recipe's own data)")
+    grid = []
+    for target, prefix in itertools.product(args.targets, data):
+        name = target.replace(":", "-").replace("/", "_") + ("" if prefix == "recipe" else f"-{Path(prefix).name}")
+        cmd = [*CLI, "train", target, *([] if prefix == "recipe" else ["--data-path", prefix]), "--",
+               *(["--train-iters", str(args.iters)] if args.iters else []),
+               "--moe-probe", "--moe-probe-writers", "local", "--moe-probe-dir"]
+        grid.append((name, {"recipe": target, "ep": ep_of[target], "data": prefix}, cmd, args.megatron_args))
+    return _with_repeats(grid, args.repeat, out, "megatron.log")
+
+
+def _with_repeats(grid: list[tuple[str, dict, list[str], list[str]]], repeat: int, out: Path,
+                  log_name: str) -> list[Cell]:
+    """Cells of (group name, params, command up to its output-folder flag, command tail). Repeats go
+    round the whole grid, so slow drift of the machine hits every group alike."""
+    cells = []
+    for k in range(1, repeat + 1):
+        for group, params, head, tail in grid:
+            name = group if repeat == 1 else f"{group}-r{k}"
+            cells.append(Cell(name, group, params, [*head, str(out / name), *tail], log_name))
+    return cells
+
+
+# -- running --------------------------------------------------------------------------------------
+
+def _load_manifest(out: Path) -> dict:
+    path = out / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UsageError(f"{path} is not valid JSON; move it away to start this matrix afresh") from None
+
+
+def _save_manifest(out: Path, cells: list[Cell], argv: list[str]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"argv": argv, "cells": [asdict(c) for c in cells]}, indent=1))
+    os.replace(tmp, out / MANIFEST)  # never half a manifest, even when killed mid-write
+
+
+def run_cell(cell: Cell, out: Path, timeout: float | None) -> None:
+    """Train one cell in a fresh folder; its own session, so a timeout or Ctrl-C stops torchrun's workers too."""
+    cell_dir = out / cell.name
+    if cell_dir.exists():
+        shutil.rmtree(cell_dir)  # a stale attempt would mix its reports into this one
+    cell_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    with open(cell_dir / cell.log_name, "wb") as log:
+        proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            cell.exit_code = proc.wait(timeout=timeout)
+            cell.status = "ok" if cell.exit_code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            cell.exit_code = proc.wait()
+            cell.status, cell.extra["reason"] = "failed", f"stopped after --cell-timeout {timeout:g} s"
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            cell.status = "interrupted"
+            raise
+        finally:
+            cell.seconds = round(time.perf_counter() - t0, 1)
+    if cell.status == "ok" and not (cell_dir / "intervals.jsonl").is_file():
+        cell.status, cell.extra["reason"] = "failed", "exited 0 but wrote no probe reports"
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1 or (args.iters is not None and args.iters < 1):
+        raise UsageError("--repeat and --iters must be at least 1")
+    if args.demo and args.targets:
+        raise UsageError("give recipes or --demo, not both")
+    if args.demo and args.megatron_args:
+        raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
+    out = Path(args.out)
+    cells = demo_cells(args, out) if args.demo else recipe_cells(args, out)
+    if args.dry_run:
+        import shlex
+
+        for cell in cells:
+            print(f"# {cell.name}\n{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+        return 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {out}: {exc}") from None
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    previous = {c["name"]: c for c in _load_manifest(out).get("cells", [])}
+    argv = sys.argv[1:]
+    for cell in cells:
+        old = previous.get(cell.name)
+        if not args.rerun and old and old["status"] == "ok" and old["command"] == cell.command and \
+                (out / cell.name / "intervals.jsonl").is_file():
+            cell.status, cell.exit_code, cell.seconds = "ok", 0, old["seconds"]
+            cell.extra["resumed"] = True
+    todo = [c for c in cells if c.status != "ok"]
+    if len(todo) < len(cells):
+        console.print(f"{len(cells) - len(todo)} of {len(cells)} cells already finished in {out / MANIFEST}; "
+                      f"training {len(todo)} (--rerun trains all)")
+    _save_manifest(out, cells, argv)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("matrix", total=len(todo))
+        for i, cell in enumerate(todo, 1):
+            progress.update(task, description=f"training {cell.name}")
+            try:
+                run_cell(cell, out, args.cell_timeout)
+            except KeyboardInterrupt:
+                _save_manifest(out, cells, argv)
+                console.print(f"[yellow]interrupted in {cell.name}; run the same command again to resume[/]")
+                return 130
+            _save_manifest(out, cells, argv)
+            mark = "[green]ok[/]" if cell.status == "ok" else f"[red]{cell.status}[/] (exit {cell.exit_code})"
+            progress.console.print(f"[{i}/{len(todo)}] {cell.name}: {mark} in {cell.seconds:.0f} s")
+            progress.advance(task)
+    return summarize(cells, out, args, console)
+
+
+def summarize(cells: list[Cell], out: Path, args: argparse.Namespace, console) -> int:
+    from megatron_moe_probe import compare
+
+    failed = [c for c in cells if c.status != "ok"]
+    for cell in failed:
+        reason = cell.extra.get("reason", f"exit code {cell.exit_code}")
+        console.print(f"[red]{cell.name} failed[/] ({reason}); end of {out / cell.name / cell.log_name}:\n"
+                      f"{log_tail(out / cell.name / cell.log_name)}")
+    done = [c for c in cells if c.status == "ok"]
+    if not done:
+        console.print("[red]no cell finished[/]")
+        return 1
+    warmup = args.warmup if args.warmup is not None else (args.iters or 40) // 4
+    rows = compare.compare([out / c.name for c in done], {}, warmup)
+    first_loss: dict[str, float] = {}
+    for row, cell in zip(rows, done):
+        row.update(cell=cell.name, group=cell.group, params=cell.params, seconds=cell.seconds)
+        # Loss parity is between cells that differ only in dispatcher/recipe: same EP and data.
+        key = json.dumps({k: v for k, v in cell.params.items() if k not in ("dispatcher", "recipe")}, sort_keys=True)
+        first_loss.setdefault(key, row.get("final_lm_loss", math.nan))
+        row["loss_delta_vs_first"] = row.get("final_lm_loss", math.nan) - first_loss[key]
+    compare.print_table(rows)
+    spread = repeat_spread(rows)
+    if spread:
+        _print_spread(spread, console)
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread}, indent=1, default=str))
+    compare.plot_runs(rows, out / "compare.png")
+    console.print(f"matrix: {len(done)} of {len(cells)} cells finished; {out / 'compare.json'}, {out / 'compare.png'}")
+    return 1 if failed else 0
+
+
+def repeat_spread(rows: list[dict]) -> list[dict]:
+    """Per group of identical runs: median ms/iter and (max - min) / median, the run-to-run noise."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        ms = row.get("ms_per_iter")
+        if ms is not None and not math.isnan(ms):
+            groups.setdefault(row["group"], []).append(ms)
+    return [{"group": g, "runs": len(v), "median_ms_per_iter": statistics.median(v),
+             "spread": (max(v) - min(v)) / statistics.median(v)} for g, v in groups.items() if len(v) > 1]
+
+
+def _print_spread(spread: list[dict], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="step time between identical runs (the noise floor)")
+    for col in ("cells", "runs", "median ms/iter", "(max-min)/median"):
+        table.add_column(col, justify="left" if col == "cells" else "right")
+    for s in spread:
+        table.add_row(s["group"], str(s["runs"]), f"{s['median_ms_per_iter']:.1f}", f"{s['spread']:.1%}")
+    console.print(table)
