@@ -10,6 +10,9 @@ Run under torchrun with the launcher's Megatron arguments (include --moe-probe):
     every hook call give the probe's GPU time and host time per iteration, as a
     fraction of the iteration. Those windows also run the probe under
     torch.cuda.set_sync_debug_mode("error"), so a host sync inside the probe fails.
+    In "timing" windows the host clock is also read around the dispatcher timer's own
+    work (its wrapper minus the wrapped dispatch/combine call, and its backward tensor
+    hooks): dispatcher timing launches no kernels, so its cost is host time.
 (b) In-process A/B: after the warm-up, windows rotate off / stats / stats+timing /
     accounted; each iteration is timed with a synchronize on both sides (the same
     for every mode). Medians of the per-window medians, with a bootstrap 95% CI of
@@ -66,6 +69,9 @@ class Bench:
         self._prof = None
         self._prof_window = None
         self.accounted_iters = 0
+        self.timing_host_s = 0.0  # the dispatcher timer's own host time, "timing" windows
+        self.timing_calls = 0
+        self.timing_iters = 0
         self.split_sums = defaultdict(lambda: None)  # slot -> summed input_splits since last flush
         self.verify_errors = []
         self.verified_flushes = 0
@@ -171,6 +177,62 @@ class Bench:
         self.verified_flushes += 1
         self.split_sums.clear()
 
+    @staticmethod
+    def patch_timer_accounting(bench):
+        """Host time of the dispatcher timer itself: around each wrapper it installs, minus the
+        dispatcher call it wraps; plus its backward tensor hooks. "timing" windows only."""
+        from megatron_moe_probe.megatron.timing import DispatcherTimer
+
+        original_wrap = DispatcherTimer._wrap
+
+        def _wrap(self, binding, method, phase):
+            dispatcher = binding.dispatcher
+            before = dispatcher.__dict__.get(method)
+            wrapped = getattr(dispatcher, method)
+            inner_s = [0.0]
+
+            def measured_inner(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return wrapped(*args, **kwargs)
+                finally:
+                    inner_s[0] += time.perf_counter() - t0
+
+            dispatcher.__dict__[method] = measured_inner
+            original_wrap(self, binding, method, phase)
+            timed = dispatcher.__dict__[method]
+            self._restore[-1] = (dispatcher, method, before)  # removal leaves no measuring shim behind
+
+            def measured_outer(*args, **kwargs):
+                if bench.mode != "timing":
+                    return timed(*args, **kwargs)
+                inner_s[0] = 0.0
+                t0 = time.perf_counter()
+                out = timed(*args, **kwargs)
+                bench.timing_host_s += time.perf_counter() - t0 - inner_s[0]
+                bench.timing_calls += 1
+                return out
+
+            dispatcher.__dict__[method] = measured_outer
+
+        DispatcherTimer._wrap = _wrap
+        original_register = torch.Tensor.register_hook
+
+        def register_hook(tensor, hook):
+            if getattr(hook, "__qualname__", "").startswith("DispatcherTimer._time_backward"):
+                inner_hook = hook
+
+                def hook(grad):
+                    t0 = time.perf_counter()
+                    out = inner_hook(grad)
+                    if bench.mode == "timing":
+                        bench.timing_host_s += time.perf_counter() - t0
+                    return out
+
+            return original_register(tensor, hook)
+
+        torch.Tensor.register_hook = register_hook
+
     # -- the timed step -----------------------------------------------------------------------
     def wrap_train_step(self, mt):
         inner = mt.train_step
@@ -191,6 +253,7 @@ class Bench:
                 bench.step_ms[mode].append((window, ms))
                 if mode == "accounted" and bench._prof is None:
                     bench.accounted_iters += 1  # host time is taken outside the profiled window
+                bench.timing_iters += mode == "timing"
             return out
 
         mt.train_step = train_step
@@ -236,17 +299,23 @@ class Bench:
             self.mode = mode
             return
         s, probe = self.session, self.session.probe
+        if mode != "timing" and probe.probe.timers:
+            # Keep the timer's event pool for the next timing window: in training the timer lives
+            # for the whole run and reuses its events after the first interval, so creating fresh
+            # CUDA events every window would charge the timer a cost training does not pay.
+            self._event_pool = probe.probe.timers[0].pool
+            probe.disable_timing()
         if mode == "off":
             probe.pause()
-            probe.disable_timing()
             s.paused = True
         else:
             probe.resume()
             s.paused = False
             if mode == "timing" and not probe.probe.timers:
                 probe.enable_timing()
-            elif mode != "timing":
-                probe.disable_timing()
+                if getattr(self, "_event_pool", None) is not None:
+                    self._event_pool.reset()
+                    probe.probe.timers[0].pool = self._event_pool
         self.mode = mode
 
     # -- results ------------------------------------------------------------------------------
@@ -276,12 +345,16 @@ class Bench:
             "hook_calls_per_iter": self.hook_calls / iters,
             "probe_host_ms_per_iter": host_ms,
             "host_fraction_of_off_step": host_ms / step if step else None,
+            "timing_host_ms_per_iter": self.timing_host_s * 1000 / max(self.timing_iters, 1),
+            "timing_host_fraction_of_off_step": (self.timing_host_s * 1000 / max(self.timing_iters, 1) / step
+                                                 if step else None),
+            "timing_wrapped_calls_per_iter": self.timing_calls / max(self.timing_iters, 1),
             "profile": self.profile,
         }
         out["verify"] = {"flushes": self.verified_flushes, "mismatches": self.verify_errors[:5],
                          "n_mismatches": len(self.verify_errors)}
-        if self.session is not None and self.session.last_report is not None:
-            out["probe_enabled_at_end"] = self.session.probe.enabled
+        if self.session is not None:  # a hook error disables the probe (and is logged): the run would not count
+            out["probe_failed"] = bool(self.session.probe.probe.failed)
         return out
 
 
@@ -297,6 +370,7 @@ def main(argv=None):
     training.report_callbacks.append(bench.on_report)
     bench.wrap_train_step(mt)
     Bench.patch_hook_timing(bench)
+    Bench.patch_timer_accounting(bench)
     _patch_session_pause()
     code = launch.main(megatron_argv)
     res = bench.results()

@@ -169,6 +169,27 @@ def test_train_dry_run_variant_multinode_and_raw_args(capsys):
     assert rc == 2 and "name a recipe" in err
 
 
+def test_train_data_path_replaces_the_recipes_mock_data(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"some text")
+    assert cli(capsys, "build-dataset", "--input", str(src), "--output-prefix", str(tmp_path / "t"),
+               "--no-progress")[0] == 0
+    rc, out, err = cli(capsys, "train", "tiny-gpu", "--data-path", str(tmp_path / "t"), "--dry-run",
+                       "--assume-installed", "none")
+    assert rc == 0, err
+    cmd = out.splitlines()[-1].split()
+    assert "--mock-data" not in cmd
+    i = cmd.index("--data-path")
+    assert cmd[i + 1:i + 4] == [str(tmp_path / "t"), "--split", "100,0,0"]
+    # The model is the recipe's: its vocabulary (the byte tokens fit in it) and everything else.
+    assert cmd[cmd.index("--vocab-size") + 1] == str(recipes.load_recipe("tiny-gpu").model.vocab_size)
+    rc, _, err = cli(capsys, "train", "tiny-gpu", "--data-path", str(tmp_path / "missing"), "--dry-run")
+    assert rc == 2 and "missing.bin" in err
+    rc, _, err = cli(capsys, "train", "--data-path", str(tmp_path / "t"), "--dry-run", "--", *TINY_ARGS)
+    assert rc == 2 and "need a recipe" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_train_without_cuda_exits_2_with_a_clear_message(capsys):
     rc, out, err = cli(capsys, "train", "tiny-gpu:1gpu", "--assume-installed", "none")

@@ -209,3 +209,15 @@ def test_model_without_moe_layers_is_a_clear_setup_error():
     cfg = BASE.with_(num_experts=None, ep=1)
     messages = run_ranks(jobs.attach_to_dense_model, 2, cfg)
     assert all(m and "no Megatron MoE layers" in m for m in messages), messages
+
+
+def test_ep8_one_expert_per_rank_matches_dispatcher():
+    """EP=8 (issue 6, on CPU): one expert per rank, so the matrix's columns are the experts'
+    loads and the receiver skew is the per-expert max/mean."""
+    cfg = BASE.with_(ep=8, num_experts=8)
+    results = run_ranks(jobs.probe_vs_dispatcher, 8, cfg, 2)
+    snap = check_snapshot(results, cfg)
+    report = build_report(snap)
+    for row, counts, matrix in zip(report.per_layer, snap.tokens_per_expert, report.rank_matrix):
+        assert [sum(col) for col in zip(*matrix)] == counts.tolist()
+        assert row["receiver_skew"] == pytest.approx(row["max_over_mean"])
