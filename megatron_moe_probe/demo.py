@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer, a multiple of --ranks (default 8)")
     p.add_argument("--data", choices=DATA_SOURCES, default="text",
                    help="text (stdlib source bytes, default), mock (Megatron's mock token stream), random bytes")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step over all ranks (default 4 per rank); fixed, it gives every EP "
+                        "degree the same tokens each step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--quiet", action="store_true", help="no per-interval console table")
 
@@ -85,8 +88,8 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     from megatron_moe_probe.writers.base import make_writers
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = cc.TinyMoEConfig(ep=world, dispatcher=settings["dispatcher"], micro_batch_size=4,
-                           num_experts=settings["experts"])
+    cfg = cc.TinyMoEConfig(ep=world, dispatcher=settings["dispatcher"], num_experts=settings["experts"],
+                           micro_batch_size=settings["global_batch"] // world)
     cc.init_parallel(cfg)
     model = cc.build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
@@ -94,17 +97,21 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     writer_rank = world - 1
     names = ["local"] if settings["quiet"] else ["local", "console"]
     meta = {"job": "demo", "model": cfg.__dict__ | {"extra": None}, "world_size": world,
-            "dispatcher": settings["dispatcher"], "interval": settings["interval"], "data": settings["data"]}
+            "dispatcher": settings["dispatcher"], "interval": settings["interval"], "data": settings["data"],
+            "global_batch": settings["global_batch"]}
     writers = make_writers(names, settings["out"], meta, rank=0 if rank == writer_rank else 1)
     session = ProbeSession([model], interval=settings["interval"], writers=writers, gpus_per_node=world)
 
     data = training_tokens(settings["data"], cfg.vocab_size)
     train_log = open(Path(settings["out"]) / TRAIN_LOG, "w") if rank == 0 else None
-    g = torch.Generator().manual_seed(rank)  # each data-parallel rank reads its own windows
+    # Every rank draws the same global batch and trains on its slice: the tokens of a step do not
+    # depend on how many ranks share them, so runs at different EP see the same data.
+    g = torch.Generator().manual_seed(0)
+    mine = slice(rank * cfg.micro_batch_size, (rank + 1) * cfg.micro_batch_size)
     losses, times = [], []
     for it in range(1, settings["steps"] + 1):
         t0 = time.perf_counter()
-        starts = torch.randint(0, data.numel() - cfg.seq_length - 1, (cfg.micro_batch_size,), generator=g)
+        starts = torch.randint(0, data.numel() - cfg.seq_length - 1, (settings["global_batch"],), generator=g)[mine]
         window = torch.stack([data[s : s + cfg.seq_length + 1] for s in starts.tolist()])
         optimizer.zero_grad(set_to_none=True)
         loss = cc.forward_backward(model, window[:, :-1], labels=window[:, 1:])
@@ -125,6 +132,10 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.interval < 1:
         raise UsageError("--steps and --interval must be >= 1")
+    if args.global_batch is None:
+        args.global_batch = 4 * args.ranks
+    if args.global_batch < args.ranks or args.global_batch % args.ranks:
+        raise UsageError(f"--global-batch {args.global_batch} must be a multiple of --ranks {args.ranks}")
     if args.experts < args.ranks or args.experts % args.ranks:
         raise UsageError(f"--experts {args.experts} must be a multiple of --ranks {args.ranks} (each EP rank holds "
                          f"the same number of experts)")
@@ -148,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{args.data} data, {args.steps} steps -> {out}")
     t0 = time.perf_counter()
     settings = dict(out=str(out), steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
-                    lr=args.lr, quiet=args.quiet, experts=args.experts, data=args.data)
+                    lr=args.lr, quiet=args.quiet, experts=args.experts, data=args.data,
+                    global_batch=args.global_batch)
     results = run_ranks(_rank_main, args.ranks, settings)
     wall = time.perf_counter() - t0
     losses = results[0]["losses"]

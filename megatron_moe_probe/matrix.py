@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="comma list. Recipes: `recipe` (the recipe's own data, default) or indexed dataset "
                         "prefixes. --demo: text, mock, random (default text)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="--demo: sequences per step over all ranks, the same at every EP (default 4 per rank)")
     p.add_argument("--iters", type=int, default=None, help="iterations per cell (default: recipe's / demo's 40)")
     p.add_argument("--repeat", type=int, default=1, help="identical runs per cell, for the noise floor (default 1)")
     p.add_argument("--out", required=True, help="matrix folder: one sub-folder per cell, matrix.json, compare.*")
@@ -96,13 +98,17 @@ def demo_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
     data = _csv(args.data or "text", "--data")
     if bad := [d for d in data if d not in DATA_SOURCES]:
         raise UsageError(f"--demo data is one of {', '.join(DATA_SOURCES)}, not {bad}")
+    if args.global_batch is not None and (args.global_batch < 1 or any(args.global_batch % ep for ep in eps)):
+        raise UsageError(f"--global-batch {args.global_batch} must be a multiple of every EP in {eps}")
     experts = max(8, *eps)  # the same model in every cell, whatever its EP
     grid = []
     for ep, dispatcher, source in itertools.product(eps, dispatchers, data):
         cmd = [*CLI, "demo", "--ranks", str(ep), "--dispatcher", dispatcher, "--data", source,
-               "--experts", str(experts), "--steps", str(args.iters or 40), "--quiet", "--out"]
+               "--experts", str(experts), "--steps", str(args.iters or 40), "--quiet",
+               *(["--global-batch", str(args.global_batch)] if args.global_batch else []), "--out"]
         grid.append((f"ep{ep}-{dispatcher}-{source}", {"ep": ep, "dispatcher": dispatcher, "data": source,
-                                                       "experts": experts}, cmd, []))
+                                                       "experts": experts, "global_batch": args.global_batch},
+                     cmd, []))
     return _with_repeats(grid, args.repeat, out, "demo.log")
 
 
@@ -111,6 +117,8 @@ def recipe_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
 
     if not args.targets:
         raise UsageError("name recipes to train (moe-probe render --list), or give --demo")
+    if args.global_batch is not None:
+        raise UsageError("--global-batch is for --demo cells; for recipes pass Megatron's: -- --global-batch-size N")
     # Loading each recipe now makes a typo fail before an hour of other cells, not after.
     ep_of = {target: recipes.load_recipe(target).parallelism.ep for target in args.targets}
     data = _csv(args.data or "recipe", "--data")

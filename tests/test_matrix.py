@@ -99,6 +99,8 @@ def test_recipe_cells_interleave_repeats_and_pass_datasets(tmp_path):
     (["tiny-gpu", "--demo"], "not both"),
     (["tiny-gpu", "--data", "/no/such/prefix"], "no /no/such/prefix.bin"),
     (["tiny-gpu:nope"], "unknown variant"),
+    (["--demo", "--ep", "2,8", "--global-batch", "12"], "multiple of every EP"),
+    (["tiny-gpu", "--global-batch", "8"], "for --demo cells"),
     ([], "name recipes"),
 ])
 def test_bad_grids_are_clear_errors(tmp_path, argv, message):
@@ -125,3 +127,19 @@ def test_demo_mock_data_is_megatrons_mock_stream():
     assert tokens.numel() == training_tokens("text", 256).numel()
     rand = training_tokens("random", 256)
     assert rand.min() >= 0 and rand.max() < 256 and torch.unique(rand).numel() == 256
+
+
+def test_same_global_batch_gives_the_same_first_layer_routing_at_every_ep(tmp_path):
+    """With --global-batch fixed, EP=2 and EP=4 train on the same tokens. The first MoE layer's
+    router and everything before it start from the same weights whatever the EP, so its step-1
+    counts (summed by the probe over 2 or 4 ranks) must be equal; deeper layers see the outputs
+    of experts that Megatron initialises per EP rank, so they may differ."""
+    proc = _matrix("--demo", "--ep", "2,4", "--dispatcher", "alltoall", "--global-batch", "8", "--iters", "1",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first = {ep: json.loads((tmp_path / f"ep{ep}-alltoall-text" / "intervals.jsonl").read_text().splitlines()[0])
+             for ep in (2, 4)}
+    assert first[2]["layers"][0] == first[4]["layers"][0] == 1
+    assert first[2]["tokens_per_expert"][0] == first[4]["tokens_per_expert"][0]
+    assert sum(first[2]["tokens_per_expert"][0]) == 8 * 64 * 2  # 8 sequences x 64 tokens x top-2
+    assert [len(m) for m in (first[2]["rank_matrix"][0], first[4]["rank_matrix"][0])] == [2, 4]
