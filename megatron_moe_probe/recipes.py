@@ -667,7 +667,7 @@ def render_document(r: Recipe, availability: Availability, fmt: str, include_pro
     if fmt in ("bridge", "both"):
         if fmt == "both":
             out.append("")
-        out.append(f"# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
+        out.append("# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
         out.append(" \\\n".join(bridge))
     return "\n".join(out) + "\n"
 

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 
 import pytest

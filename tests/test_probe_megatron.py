@@ -69,7 +69,7 @@ def test_allgather_dispatcher_counts_match_gathered_map():
     cfg = BASE.with_(dispatcher="allgather")
     results = run_ranks(jobs.probe_vs_dispatcher, 2, cfg, 2)
     slots, counts, _ = expected_from_alltoall(results, cfg)
-    E, ep = cfg.num_experts, 2
+    ep = 2
     matrix = torch.zeros(len(slots), ep, ep, dtype=torch.long)
     for res in results:
         for step_truth in res["truth"]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

@@ -19,7 +19,7 @@ from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import assumed, probe, version_at_least
 from megatron_moe_probe.selection.card import default_card
-from megatron_moe_probe.selection.hardware import Detected, detect_gpus, resolve_topology
+from megatron_moe_probe.selection.hardware import detect_gpus, resolve_topology
 from megatron_moe_probe.selection.recommend import Query, recommend
 
 CARD = default_card()

@@ -7,12 +7,10 @@ wrote them) and compared with the card row by row; the front matter must match t
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import pytest
 import yaml
 
-from megatron_moe_probe.selection.card import CARD_PATH, DOCS_PATH, SKILL_MD_PATH, load_card, skill_tables, write_skill_tables
+from megatron_moe_probe.selection.card import CARD_PATH, DOCS_PATH, SKILL_MD_PATH, load_card, write_skill_tables
 
 CARD = load_card()
 
