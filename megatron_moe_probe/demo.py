@@ -195,6 +195,7 @@ def final_report(out: Path, console) -> int:
     console.print(table)
     plot = plot_run(out, reports)
     console.print(f"records: {out / 'intervals.jsonl'}" + (f"\nplot:    {plot}" if plot else ""))
+    console.print(f"next:    moe-probe analyze {out}   (EP what-if, placement, all-to-all cost)")
     return 0
 
 
