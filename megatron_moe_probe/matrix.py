@@ -174,22 +174,41 @@ def run_cell(cell: Cell, out: Path, timeout: float | None) -> None:
     t0 = time.perf_counter()
     with open(cell_dir / cell.log_name, "wb") as log:
         proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cell.extra["pid"] = proc.pid  # also the cell's process group and session id
         try:
             cell.exit_code = proc.wait(timeout=timeout)
             cell.status = "ok" if cell.exit_code == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            cell.exit_code = proc.wait()
+            stop_group(proc)
+            cell.exit_code = proc.returncode
             cell.status, cell.extra["reason"] = "failed", f"stopped after --cell-timeout {timeout:g} s"
         except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+            stop_group(proc)
             cell.status = "interrupted"
             raise
         finally:
             cell.seconds = round(time.perf_counter() - t0, 1)
     if cell.status == "ok" and not (cell_dir / "intervals.jsonl").is_file():
         cell.status, cell.extra["reason"] = "failed", "exited 0 but wrote no probe reports"
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the cell's process group (torchrun and its workers, or the demo's ranks), wait
+    for all of it to exit, SIGKILL what is left after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, or the group never empties
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    proc.wait()
 
 
 def log_tail(path: Path, lines: int = 6) -> str:

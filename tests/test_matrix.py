@@ -143,3 +143,16 @@ def test_same_global_batch_gives_the_same_first_layer_routing_at_every_ep(tmp_pa
     assert first[2]["tokens_per_expert"][0] == first[4]["tokens_per_expert"][0]
     assert sum(first[2]["tokens_per_expert"][0]) == 8 * 64 * 2  # 8 sequences x 64 tokens x top-2
     assert [len(m) for m in (first[2]["rank_matrix"][0], first[4]["rank_matrix"][0])] == [2, 4]
+
+
+def test_cell_timeout_stops_the_whole_cell(tmp_path):
+    """A hung cell is stopped with every process it started (the demo spawns one per rank)."""
+    proc = _matrix("--demo", "--ep", "2", "--dispatcher", "alltoall", "--iters", "1000", "--cell-timeout", "6",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 1
+    cell = json.loads((tmp_path / "matrix.json").read_text())["cells"][0]
+    assert cell["status"] == "failed" and "--cell-timeout 6" in cell["extra"]["reason"]
+    assert 6 <= cell["seconds"] < 60
+    # The cell ran in its own session (the demo and one spawned process per rank): all gone.
+    leftover = subprocess.run(["pgrep", "-s", str(cell["extra"]["pid"])], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the stopped cell still running: {leftover}"
