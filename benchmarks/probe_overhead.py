@@ -66,6 +66,8 @@ class Bench:
         self.host_s = 0.0
         self.hook_calls = 0
         self.profile = None  # key figures from torch.profiler over one accounted window
+        self.timing_profile = None  # CUDA runtime calls over one timing window
+        self._seen = defaultdict(int)  # iterations seen per profiled mode
         self._prof = None
         self._prof_window = None
         self.accounted_iters = 0
@@ -204,7 +206,7 @@ class Bench:
             self._restore[-1] = (dispatcher, method, before)  # removal leaves no measuring shim behind
 
             def measured_outer(*args, **kwargs):
-                if bench.mode != "timing":
+                if bench.mode != "timing" or bench._prof is not None:  # the profiler would inflate it
                     return timed(*args, **kwargs)
                 inner_s[0] = 0.0
                 t0 = time.perf_counter()
@@ -225,7 +227,7 @@ class Bench:
                 def hook(grad):
                     t0 = time.perf_counter()
                     out = inner_hook(grad)
-                    if bench.mode == "timing":
+                    if bench.mode == "timing" and bench._prof is None:
                         bench.timing_host_s += time.perf_counter() - t0
                     return out
 
@@ -253,35 +255,43 @@ class Bench:
                 bench.step_ms[mode].append((window, ms))
                 if mode == "accounted" and bench._prof is None:
                     bench.accounted_iters += 1  # host time is taken outside the profiled window
-                bench.timing_iters += mode == "timing"
+                bench.timing_iters += mode == "timing" and bench._prof is None
             return out
 
         mt.train_step = train_step
 
     def _profiler(self, mode, window):
-        """Profile the second accounted window (the first after warm-up may still settle)."""
+        """Profile the second accounted window and the second timing window (the first after
+        warm-up may still settle)."""
         if self._prof is not None and window != self._prof_window:
             self._prof.stop()
             self._summarize_profile()
             self._prof = None
-        if mode == "accounted" and self.profile is None and self._prof is None:
-            self._seen_accounted = getattr(self, "_seen_accounted", 0) + 1
-            if self._seen_accounted > self.opts.window:  # second accounted window
+        done = {"accounted": self.profile, "timing": self.timing_profile}
+        if mode in done and done[mode] is None and self._prof is None:
+            self._seen[mode] += 1
+            if self._seen[mode] > self.opts.window:  # the mode's second window
                 self._prof = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
                 self._prof.start()
-                self._prof_window = window
-                self._prof_iters = 0
+                self._prof_window, self._prof_mode, self._prof_iters = window, mode, 0
         if self._prof is not None:
             self._prof_iters += 1
 
     def _summarize_profile(self):
         events = self._prof.key_averages()
+        iters = max(self._prof_iters, 1)
+        # CUDA runtime calls as the host saw them: a call that waits for room in a full
+        # launch queue shows here as a long one.
+        runtime = {e.key: {"calls_per_iter": e.count / iters, "mean_us": e.cpu_time_total / max(e.count, 1)}
+                   for e in events if e.key.startswith(("cudaEventRecord", "cudaLaunchKernel"))}
+        if self._prof_mode == "timing":
+            self.timing_profile = {"iterations": iters, "cuda_runtime": runtime}
+            return
         total_gpu_us = sum(e.self_device_time_total for e in events)
         probe = [e for e in events if e.key == "moe_probe"]
         probe_gpu_us = probe[0].device_time_total if probe else 0.0
         probe_cpu_us = probe[0].cpu_time_total if probe else 0.0
-        iters = max(self._prof_iters, 1)
         self.profile = {
             "iterations": iters,
             "all_kernels_ms_per_iter": total_gpu_us / 1000 / iters,
@@ -289,6 +299,7 @@ class Bench:
             "probe_share_of_gpu_time": probe_gpu_us / total_gpu_us if total_gpu_us else None,
             "probe_calls": probe[0].count if probe else 0,
             "probe_cpu_ms_per_iter": probe_cpu_us / 1000 / iters,
+            "cuda_runtime": runtime,
             "top_probe_kernels": [
                 (e.key, e.self_device_time_total / max(e.count, 1)) for e in sorted(
                     events, key=lambda e: -e.self_device_time_total)[:8]],
@@ -349,6 +360,7 @@ class Bench:
             "timing_host_fraction_of_off_step": (self.timing_host_s * 1000 / max(self.timing_iters, 1) / step
                                                  if step else None),
             "timing_wrapped_calls_per_iter": self.timing_calls / max(self.timing_iters, 1),
+            "timing_profile": self.timing_profile,
             "profile": self.profile,
         }
         out["verify"] = {"flushes": self.verified_flushes, "mismatches": self.verify_errors[:5],
