@@ -1,10 +1,18 @@
-"""`moe-probe compare RUN...`: runs side by side, from the local store and Megatron's log.
+"""`moe-probe compare RUN...`: runs side by side, from the local store, wandb and Megatron's log.
 
-Each RUN is a probe run folder (the local writer's `intervals.jsonl` + `meta.json`).
-If the folder holds `megatron.log` (or `--log RUN=FILE` names one), Megatron's own
-numbers come from it (from `train.jsonl` for `moe-probe demo` runs): iteration time and TFLOP/s (medians over the intervals after
-`--warmup`), the largest `max allocated` memory, and the last logged LM loss, with
-its difference to the first run's (loss parity between dispatchers).
+Each RUN is one of
+  - a probe run folder (the local writer's `intervals.jsonl` + `meta.json`);
+  - a wandb run folder, the one holding `run-ID.wandb` (`OUT/wandb/offline-run-*` of an
+    offline run), read from that file without network;
+  - `wandb:ENTITY/PROJECT/RUN_ID`, read through the wandb API (network and a login).
+Runs of all kinds mix in one table (wandb_source.py says what is read from wandb).
+
+Megatron's own numbers: iteration time and TFLOP/s (medians over the intervals after
+`--warmup`), the largest `max allocated` memory, and the last logged LM loss, with its
+difference to the first run's (loss parity between dispatchers). They come from
+`RUN/megatron.log` (or the file `--log RUN=FILE` names; `train.jsonl` for `moe-probe demo`
+runs), and for a wandb run from the keys Megatron logs to wandb, which hold no memory.
+The probe's statistics are computed the same way for every kind of run, by `summarize`.
 """
 
 from __future__ import annotations
@@ -19,13 +27,21 @@ from pathlib import Path
 from megatron_moe_probe.errors import UsageError
 
 TIMING = ("dispatch_fwd_ms", "combine_fwd_ms", "dispatch_bwd_ms", "combine_bwd_ms")
+STATS = ("max_over_mean", "max_over_mean_step_worst", "gini", "rank_max_over_mean", "receiver_skew",
+         "inter_node_fraction", *TIMING)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", help="probe run folders (intervals.jsonl)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="a probe run folder (intervals.jsonl), a wandb run folder (OUT/wandb/offline-run-*, "
+                        "read offline) or wandb:ENTITY/PROJECT/RUN_ID (read through the wandb API)")
     p.add_argument("--log", action="append", default=[], metavar="RUN=FILE",
-                   help="Megatron's stdout for a run (default: RUN/megatron.log when present)")
+                   help="Megatron's stdout for a run (default: RUN/megatron.log when present; "
+                        "for a wandb run, Megatron's wandb keys)")
     p.add_argument("--warmup", type=int, default=10, help="ignore intervals ending at or before this iteration")
+    p.add_argument("--wandb-timeout", type=int, default=30, metavar="S",
+                   help="for wandb:... runs, seconds a request to the wandb server may take "
+                        "(tried twice; default 30)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot per-layer max/mean of every run")
 
@@ -48,22 +64,24 @@ def training_log(run: Path, explicit: Path | None = None):
     return None
 
 
-def summarize_run(run: Path, log, warmup: int) -> dict:
-    from megatron_moe_probe.writers.local import load_run
+def run_dispatcher(meta: dict):
+    """The probe meta's dispatcher as one string (a run may name several)."""
+    dispatcher = meta.get("dispatcher")
+    return ",".join(dispatcher) if isinstance(dispatcher, list) else dispatcher
 
-    meta, reports = load_run(run)
-    kept = [r for r in reports if r.step > warmup] or reports
+
+def summarize(run: str, identity: dict, intervals: list[tuple[int, dict[int, dict]]], log, warmup: int) -> dict:
+    """One row of the table. identity: dispatcher, ep, data; intervals: (step, layer -> that
+    layer's statistics) per probe report; log: Megatron's numbers (a TrainLog) or None."""
+    kept = [by_layer for step, by_layer in intervals if step > warmup] or [by_layer for _, by_layer in intervals]
     if not kept:
         raise UsageError(f"{run}: no probe reports")
-    row = {"run": str(run), "dispatcher": ",".join(meta.get("dispatcher") or []) if isinstance(
-        meta.get("dispatcher"), list) else meta.get("dispatcher"), "ep": kept[-1].ep_size,
-        "intervals": len(kept), "layers": kept[-1].layers}
-    per_layer = list(zip(*[r.per_layer for r in kept]))  # layer -> its rows over intervals
-    row["data"] = meta.get("data")
-    for key in ("max_over_mean", "max_over_mean_step_worst", "gini", "rank_max_over_mean", "receiver_skew",
-                "inter_node_fraction", *TIMING):
-        row[key] = _median([_median([x.get(key, math.nan) for x in rows]) for rows in per_layer])
-    row["max_over_mean_per_layer"] = [_median([x["max_over_mean"] for x in rows]) for rows in per_layer]
+    layers = sorted({n for by_layer in kept for n in by_layer})
+    series = {n: [by_layer[n] for by_layer in kept if n in by_layer] for n in layers}
+    per_layer = {key: [_median([x.get(key, math.nan) for x in series[n]]) for n in layers] for key in STATS}
+    row = {"run": run, **identity, "intervals": len(kept), "layers": layers}
+    row.update({key: _median(values) for key, values in per_layer.items()})
+    row["max_over_mean_per_layer"] = per_layer["max_over_mean"]
     if log is not None:
         after = [f for it, f in zip(log.iterations, log.fields) if it > warmup] or log.fields
         row["ms_per_iter"] = _median([f.get("elapsed time per iteration (ms)") for f in after])
@@ -74,12 +92,28 @@ def summarize_run(run: Path, log, warmup: int) -> dict:
     return row
 
 
-def compare(runs: list[Path], logs: dict[str, Path], warmup: int) -> list[dict]:
+def summarize_run(run: Path, log, warmup: int) -> dict:
+    from megatron_moe_probe.writers.local import load_run
+
+    meta, reports = load_run(run)
+    identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
+                "data": meta.get("data")}
+    return summarize(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log, warmup)
+
+
+def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30) -> list[dict]:
+    from megatron_moe_probe import wandb_source
+
     rows = []
     for run in runs:
-        if not run.is_dir():
-            raise UsageError(f"not a run folder: {run}")
-        rows.append(summarize_run(run, training_log(run, logs.get(str(run))), warmup))
+        explicit = logs.get(str(Path(run)))
+        if wandb_source.is_wandb_run(run):
+            rows.append(wandb_source.summarize_wandb_run(str(run), explicit, warmup, wandb_timeout))
+        elif Path(run).is_dir():
+            rows.append(summarize_run(Path(run), training_log(Path(run), explicit), warmup))
+        else:
+            raise UsageError(f"not a run folder: {run} (give a probe run folder, a wandb run folder "
+                             "or wandb:ENTITY/PROJECT/RUN_ID)")
     base = rows[0].get("final_lm_loss")
     for row in rows:
         loss = row.get("final_lm_loss")
@@ -94,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not Path(file).is_file():
             raise UsageError(f"--log wants RUN=FILE with an existing file, got {item!r}")
         logs[str(Path(run_dir))] = Path(file)
-    rows = compare([Path(r) for r in args.runs], logs, args.warmup)
+    rows = compare(args.runs, logs, args.warmup, args.wandb_timeout)
     if args.json:
         json.dump(rows, sys.stdout, indent=1, default=str)
         print()

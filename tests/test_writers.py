@@ -522,21 +522,6 @@ def wandb_history(path: Path) -> dict[int, dict[str, object]]:
     return history
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    assert wandb.run is None
-    yield wandb
-    if wandb.run is not None:
-        wandb.run.finish()
-
-
 def test_wandb_offline_run_holds_the_history(tmp_path, wandb_offline, caplog):
     reports = [make_report(step) for step in (10, 20, 30)]
     with caplog.at_level(logging.WARNING, logger=LOGGER):
