@@ -172,14 +172,20 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot_runs(rows: list[dict], path: Path) -> None:
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    fig = Figure(figsize=(9 if len(rows) > 4 else 7, 4), layout="constrained")
     ax = fig.subplots()
-    for row in rows:
-        ax.plot(row["layers"], row["max_over_mean_per_layer"], marker="o",
+    colors = colormaps["tab20" if len(rows) > 10 else "tab10"].colors  # no colour twice up to 20 runs
+    for i, row in enumerate(rows):
+        ax.plot(row["layers"], row["max_over_mean_per_layer"], marker="o", color=colors[i % len(colors)],
+                linestyle=("-", "--", ":")[i // len(colors) % 3],
                 label=f"{Path(row['run']).name} ({row['dispatcher']}, EP={row['ep']})")
     ax.set(xlabel="layer", ylabel="per-expert max/mean (median over intervals)", title="routing imbalance by run",
            xticks=sorted({n for row in rows for n in row["layers"]}))
-    ax.legend()
+    if len(rows) > 4:
+        fig.legend(loc="outside right upper", fontsize="small")  # beside the axes: no line hidden under it
+    else:
+        ax.legend()
     fig.savefig(path, dpi=110)

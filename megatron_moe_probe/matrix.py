@@ -300,9 +300,45 @@ def summarize(cells: list[Cell], out: Path, args: argparse.Namespace, console) -
     if spread:
         _print_spread(spread, console)
     (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread}, indent=1, default=str))
-    compare.plot_runs(rows, out / "compare.png")
-    console.print(f"matrix: {len(done)} of {len(cells)} cells finished; {out / 'compare.json'}, {out / 'compare.png'}")
+    compare.plot_runs(rows, out / "layers.png")
+    plot_matrix(rows, out / "compare.png")
+    console.print(f"matrix: {len(done)} of {len(cells)} cells finished; {out / 'compare.json'}, "
+                  f"{out / 'compare.png'} (per cell), {out / 'layers.png'} (per layer)")
     return 1 if failed else 0
+
+
+PANELS = (("ms_per_iter", "ms / iteration"), ("max_over_mean", "per-expert max/mean"), ("gini", "Gini"),
+          ("receiver_skew", "receiver skew"))
+
+
+def plot_matrix(rows: list[dict], path: Path) -> None:
+    """One bar per group of identical cells (median), with the repeats' min-max as the error
+    bar, for step time and the routing statistics: the noise floor is drawn next to the
+    differences it has to be compared with."""
+    from matplotlib.figure import Figure
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    panels = [(key, label) for key, label in PANELS
+              if any(not math.isnan(r.get(key, math.nan)) for r in rows)]
+    cols = 2 if len(groups) > 4 and len(panels) > 2 else len(panels)  # wide grids: a 2 x 2 page
+    nrows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(max(6.0, 0.55 * len(groups) * cols), 4.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    x = range(len(groups))
+    for ax, (key, label) in zip(axes, panels):
+        values = [[r[key] for r in g if not math.isnan(r.get(key, math.nan))] for g in groups.values()]
+        mid = [statistics.median(v) if v else math.nan for v in values]
+        low = [m - min(v) if v else 0 for m, v in zip(mid, values)]
+        high = [max(v) - m if v else 0 for m, v in zip(mid, values)]
+        ax.bar(x, mid, yerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_title(label, fontsize="medium")
+        ax.set_xticks(list(x), list(groups), rotation=60, ha="right", fontsize="small")
+        if key != "ms_per_iter":
+            ax.set_ylim(bottom=min(1.0, *[m for m in mid if not math.isnan(m)]) if key != "gini" else 0)
+    fig.suptitle("matrix: median per cell, bars = min-max over repeats")
+    fig.savefig(path, dpi=110)
 
 
 def repeat_spread(rows: list[dict]) -> list[dict]:

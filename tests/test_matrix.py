@@ -40,7 +40,7 @@ def test_demo_grid_trains_every_cell_and_compares_them(demo_grid):
         assert row["ms_per_iter"] == pytest.approx(statistics.median(after))
         assert row["final_lm_loss"] == pytest.approx(lines[-1]["lm loss"])
         assert row["ep"] == 2 and row["dispatcher"] == name.split("-")[1]
-    assert (out / "compare.png").stat().st_size > 1000
+    assert (out / "compare.png").stat().st_size > 1000 and (out / "layers.png").stat().st_size > 1000
 
 
 def test_alltoall_and_allgather_route_and_train_alike(demo_grid):
