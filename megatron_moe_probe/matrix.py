@@ -44,7 +44,7 @@ class Cell:
     params: dict
     command: list[str]
     log_name: str  # the training's stdout+stderr, inside the cell folder
-    status: str = "pending"  # pending | ok | failed | interrupted
+    status: str = "pending"  # pending | running | ok | failed | interrupted
     exit_code: int | None = None
     seconds: float | None = None
     extra: dict = field(default_factory=dict)
@@ -165,8 +165,22 @@ def _save_manifest(out: Path, cells: list[Cell], argv: list[str]) -> None:
     os.replace(tmp, out / MANIFEST)  # never half a manifest, even when killed mid-write
 
 
-def run_cell(cell: Cell, out: Path, timeout: float | None) -> None:
-    """Train one cell in a fresh folder; its own session, so a timeout or Ctrl-C stops torchrun's workers too."""
+class Stopped(Exception):
+    """The matrix itself got SIGTERM or SIGHUP (a scheduler, a closed terminal): stop the running
+    cell with everything it started, record it, and exit, instead of leaving it orphaned."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None) -> None:
+    """Train one cell in a fresh folder, in its own session, so that a timeout or a stop takes
+    torchrun's workers (or the demo's ranks) down with it. `started()` runs once it is running."""
     cell_dir = out / cell.name
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # a stale attempt would mix its reports into this one
@@ -175,14 +189,16 @@ def run_cell(cell: Cell, out: Path, timeout: float | None) -> None:
     with open(cell_dir / cell.log_name, "wb") as log:
         proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         cell.extra["pid"] = proc.pid  # also the cell's process group and session id
+        cell.status = "running"
         try:
+            started()
             cell.exit_code = proc.wait(timeout=timeout)
             cell.status = "ok" if cell.exit_code == 0 else "failed"
         except subprocess.TimeoutExpired:
             stop_group(proc)
             cell.exit_code = proc.returncode
             cell.status, cell.extra["reason"] = "failed", f"stopped after --cell-timeout {timeout:g} s"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stopped):
             stop_group(proc)
             cell.status = "interrupted"
             raise
@@ -259,14 +275,16 @@ def run(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("matrix", total=len(todo))
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _raise_stopped)
         for i, cell in enumerate(todo, 1):
             progress.update(task, description=f"training {cell.name}")
             try:
-                run_cell(cell, out, args.cell_timeout)
-            except KeyboardInterrupt:
+                run_cell(cell, out, args.cell_timeout, started=lambda: _save_manifest(out, cells, argv))
+            except (KeyboardInterrupt, Stopped) as exc:
                 _save_manifest(out, cells, argv)
                 console.print(f"[yellow]interrupted in {cell.name}; run the same command again to resume[/]")
-                return 130
+                return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
             _save_manifest(out, cells, argv)
             mark = "[green]ok[/]" if cell.status == "ok" else f"[red]{cell.status}[/] (exit {cell.exit_code})"
             progress.console.print(f"[{i}/{len(todo)}] {cell.name}: {mark} in {cell.seconds:.0f} s")

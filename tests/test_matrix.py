@@ -156,3 +156,29 @@ def test_cell_timeout_stops_the_whole_cell(tmp_path):
     # The cell ran in its own session (the demo and one spawned process per rank): all gone.
     leftover = subprocess.run(["pgrep", "-s", str(cell["extra"]["pid"])], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the stopped cell still running: {leftover}"
+
+
+def test_sigterm_to_the_matrix_stops_the_running_cell_and_records_it(tmp_path):
+    """A scheduler killing the matrix must not leave the cell's trainers running unseen."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_moe_probe.cli", "matrix", "--demo", "--ep", "2",
+                             "--dispatcher", "alltoall", "--iters", "1000", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = tmp_path / "matrix.json"
+    deadline = time.monotonic() + 60
+    cell = {}
+    while time.monotonic() < deadline and cell.get("status") != "running":
+        time.sleep(0.2)
+        if manifest.is_file():
+            cell = json.loads(manifest.read_text())["cells"][0]
+    assert cell.get("status") == "running", "the manifest never showed the cell running"
+    time.sleep(3)  # let the demo spawn its ranks
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    cell = json.loads(manifest.read_text())["cells"][0]
+    assert cell["status"] == "interrupted" and "run the same command again" in out
+    leftover = subprocess.run(["pgrep", "-s", str(cell["extra"]["pid"])], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the stopped cell still running: {leftover}"
