@@ -195,8 +195,21 @@ def final_report(out: Path, console) -> int:
     console.print(table)
     plot = plot_run(out, reports)
     console.print(f"records: {out / 'intervals.jsonl'}" + (f"\nplot:    {plot}" if plot else ""))
-    console.print(f"next:    moe-probe analyze {out}   (EP what-if, placement, all-to-all cost)")
+    console.print(f"next:    {cli_command()} analyze {out}   (EP what-if, placement, all-to-all cost)")
     return 0
+
+
+def cli_command() -> str:
+    """How to call `moe-probe` from here: by name when PATH finds this environment's script
+    (an activated venv), else by its path (`bash tools/bootstrap.sh demo` does not activate)."""
+    import shutil
+
+    script = Path(sys.executable).parent / "moe-probe"
+    if not script.is_file():
+        return f"{sys.executable} -m megatron_moe_probe.cli"
+    if shutil.which("moe-probe") == str(script):
+        return "moe-probe"
+    return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
 
 
 def plot_run(out: Path, reports) -> Path | None:
