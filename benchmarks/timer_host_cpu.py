@@ -9,7 +9,7 @@ plus the backward hooks), into its parts: should_time, the event pool, _first_te
 _time_backward (which registers the two backward hooks). What is left is the hooks
 themselves as autograd runs them.
 
-    python benchmarks/timer_host_cpu.py [--steps 20]
+    python benchmarks/timer_host_cpu.py [--steps 20] [--forward-only]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _clocked(owner, name, acc):
     setattr(owner, name, clocked)
 
 
-def rank_job(rank, world, steps):
+def rank_job(rank, world, steps, backward):
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -55,7 +55,7 @@ def rank_job(rank, world, steps):
     cc.init_parallel(cfg)
     model = cc.build_model(cfg)
     probe = attach([model])
-    probe.enable_timing()
+    probe.enable_timing(backward=backward)
     _clocked(probe.probe.timers[0], "should_time", acc)  # an instance attribute: the probe's predicate
     g = torch.Generator().manual_seed(rank)
 
@@ -80,10 +80,11 @@ def rank_job(rank, world, steps):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--forward-only", action="store_true", help="time the forward calls only (--moe-probe-timing forward)")
     opts = p.parse_args()
     from megatron_moe_probe.megatron.cpu_cluster import run_ranks
 
-    for k, v in run_ranks(rank_job, 2, opts.steps)[0].items():
+    for k, v in run_ranks(rank_job, 2, opts.steps, not opts.forward_only)[0].items():
         print(f"{k:>26}: {v:.1f}" if isinstance(v, float) else f"{k:>26}: {v}")
 
 

@@ -208,7 +208,7 @@ class Probe(_Strict):
     interval: int | None = Field(None, ge=1)       # default: training.log_interval
     dir: str | None = None                         # default: runs/moe-probe/<recipe>
     writers: list[Writer] = ["local"]
-    timing: bool = False
+    timing: bool | Literal["forward"] = False      # true: forward and backward; "forward": forward only
     gpus_per_node: int | None = Field(None, ge=1)  # default: parallelism.gpus_per_node
 
 

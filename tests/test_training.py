@@ -14,9 +14,10 @@ from megatron_moe_probe.writers.local import load_run
 BASE = TinyMoEConfig()
 
 
-def test_session_reports_every_interval_and_the_rest_at_close(tmp_path):
+@pytest.mark.parametrize("timing", [True, "forward"])
+def test_session_reports_every_interval_and_the_rest_at_close(tmp_path, timing):
     steps, interval = 5, 2
-    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, True)
+    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, timing)
     assert results[0]["flushed"] == [2, 4]
     _, reports = load_run(tmp_path)
     assert [r.step for r in reports] == [2, 4, 5]
@@ -28,9 +29,14 @@ def test_session_reports_every_interval_and_the_rest_at_close(tmp_path):
             assert sum(counts) == tokens * r.steps == row["tokens"]
             # Everything is on one node here (gpus_per_node=1 means each rank is its own node).
             assert row["inter_node_tokens"] + row["local_tokens"] == row["tokens"]
-            # Timing: every phase measured (host clock on CPU), positive.
-            for phase in ("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd"):
+            # Timing: every phase measured (host clock on CPU), positive; "forward" times no backward.
+            for phase in ("dispatch_fwd", "combine_fwd"):
                 assert row[f"{phase}_ms"] > 0 and math.isfinite(row[f"{phase}_ms"]), phase
+            for phase in ("dispatch_bwd", "combine_bwd"):
+                if timing == "forward":
+                    assert f"{phase}_ms" not in row, phase
+                else:
+                    assert row[f"{phase}_ms"] > 0 and math.isfinite(row[f"{phase}_ms"]), phase
 
 
 def _parse(argv, provider=flags.add_probe_args):
@@ -49,7 +55,9 @@ def test_flags_through_megatrons_parser():
                    "--moe-probe-timing", "--log-interval", "7", "--moe-probe-gpus-per-node", "4"])
     settings = flags.resolve(args)
     assert settings["interval"] == 5 and settings["writers"] == ["local", "console"]
-    assert settings["timing"] and settings["gpus_per_node"] == 4 and settings["history"] == 5
+    assert settings["timing"] == "all" and settings["gpus_per_node"] == 4 and settings["history"] == 5
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "forward"]))["timing"] == "forward"
+    assert flags.resolve(_parse(["--moe-probe"]))["timing"] is None
     # Defaults: interval from --log-interval; tensorboard/wandb added when Megatron has them.
     args = _parse(["--moe-probe", "--log-interval", "7", "--tensorboard-dir", "/tmp/tb", "--save", "/tmp/ck"])
     settings = flags.resolve(args)
@@ -62,6 +70,7 @@ def test_flags_through_megatrons_parser():
     (["--moe-probe-writers", "local,slack"], "unknown writer 'slack'"),
     (["--moe-probe-interval", "0"], "expected a positive integer"),
     (["--moe-probe-interval", "ten"], "expected a positive integer"),
+    (["--moe-probe-timing", "backward"], "invalid choice: 'backward'"),
 ])
 def test_bad_flag_values_are_one_clear_parser_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -123,3 +132,16 @@ def test_probe_flags_without_the_switch_are_named():
     assert flags.flags_without_probe(args) == ["--moe-probe-interval", "--moe-probe-timing"]
     assert flags.flags_without_probe(_parse(["--moe-probe", "--moe-probe-timing"])) == []
     assert flags.flags_without_probe(_parse([])) == []
+
+
+def test_recipe_timing_forward_renders_a_flag_megatron_parses():
+    from megatron_moe_probe import recipes
+
+    r = recipes.load_recipe("tiny-gpu")
+    r = r.model_copy(update={"probe": r.probe.model_copy(update={"timing": "forward"})})
+    rendered = recipes.probe_args(r)
+    assert rendered[rendered.index("--moe-probe-timing") + 1] == "forward"
+    assert flags.resolve(_parse(rendered))["timing"] == "forward"
+    with pytest.raises(Exception, match="timing"):
+        recipes.load_recipe_data({**recipes.load_recipe("tiny-gpu").model_dump(exclude={"variant"}),
+                                  "probe": {"timing": "backward"}}, "test")

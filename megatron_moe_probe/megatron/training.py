@@ -41,13 +41,15 @@ class ProbeSession:
     """
 
     def __init__(self, model_chunks, *, interval: int, writers=None, gpus_per_node: Optional[int] = None,
-                 history: Optional[int] = None, timing: bool = False):
+                 history: Optional[int] = None, timing: bool | str | None = False):
         from megatron_moe_probe.megatron.hooks import attach
 
+        if timing not in (None, False, True, "all", "forward"):
+            raise ValueError(f"timing must be off (None/False), True/'all' or 'forward', got {timing!r}")
         self.interval = interval
         self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval)
-        if timing:
-            self.probe.enable_timing()
+        if timing:  # True / "all": forward and backward; "forward": forward only
+            self.probe.enable_timing(backward=timing != "forward")
         self.writers = writers
         self.reports_written = 0
         self.last_report: Optional[IntervalReport] = None
