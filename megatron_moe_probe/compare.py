@@ -101,7 +101,10 @@ def summarize_run(run: Path, log, warmup: int) -> dict:
     return summarize(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log, warmup)
 
 
-def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30) -> list[dict]:
+def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,
+            parity_groups: list[str] | None = None) -> list[dict]:
+    """One row per run. `loss_delta_vs_first` is each run's final loss minus that of the first run
+    in its parity group (default: one group, the first run)."""
     from megatron_moe_probe import wandb_source
 
     rows = []
@@ -114,10 +117,10 @@ def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_ti
         else:
             raise UsageError(f"not a run folder: {run} (give a probe run folder, a wandb run folder "
                              "or wandb:ENTITY/PROJECT/RUN_ID)")
-    base = rows[0].get("final_lm_loss")
-    for row in rows:
-        loss = row.get("final_lm_loss")
-        row["loss_delta_vs_first"] = (loss - base) if loss is not None and base is not None else math.nan
+    first_loss: dict[str, float] = {}
+    for row, group in zip(rows, parity_groups or [""] * len(rows)):
+        loss = row.get("final_lm_loss", math.nan)
+        row["loss_delta_vs_first"] = loss - first_loss.setdefault(group, loss)
     return rows
 
 

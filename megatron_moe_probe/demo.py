@@ -28,6 +28,8 @@ from megatron_moe_probe.errors import UsageError
 # Text the demo trains on: real prose and code, shipped with every Python.
 CORPUS_MODULES = ("argparse", "textwrap", "json.decoder", "pathlib", "logging", "dataclasses")
 DATA_SOURCES = ("text", "mock", "random")
+DISPATCHERS = ("alltoall", "allgather")  # the two that run on CPU (flex needs CUDA)
+RANKS = (2, 4, 8)  # processes = EP degree, each holding --experts / ranks experts
 TRAIN_LOG = "train.jsonl"
 
 
@@ -35,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=40, help="training iterations (default 40)")
     p.add_argument("--interval", type=int, default=10, help="iterations per probe report (default 10)")
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
-    p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
-    p.add_argument("--ranks", type=int, default=2, choices=(2, 4, 8), help="processes = EP degree (default 2)")
+    p.add_argument("--dispatcher", choices=DISPATCHERS, default="alltoall")
+    p.add_argument("--ranks", type=int, default=2, choices=RANKS, help="processes = EP degree (default 2)")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer, a multiple of --ranks (default 8)")
     p.add_argument("--data", choices=DATA_SOURCES, default="text",
                    help="text (stdlib source bytes, default), mock (Megatron's mock token stream), random bytes")

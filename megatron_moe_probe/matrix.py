@@ -84,17 +84,18 @@ def _csv(text: str, what: str) -> list[str]:
 
 
 def demo_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
-    from megatron_moe_probe.demo import DATA_SOURCES
+    from megatron_moe_probe.demo import DATA_SOURCES, DISPATCHERS, RANKS
 
     try:
         eps = [int(x) for x in _csv(args.ep, "--ep")]
     except ValueError:
         raise UsageError(f"--ep wants integers, got {args.ep!r}") from None
-    if bad := [e for e in eps if e not in (2, 4, 8)]:
-        raise UsageError(f"--demo runs EP 2, 4 or 8 (one process per EP rank), not {bad}")
+    if bad := [e for e in eps if e not in RANKS]:
+        choices = f"{', '.join(map(str, RANKS[:-1]))} or {RANKS[-1]}"
+        raise UsageError(f"--demo runs EP {choices} (one process per EP rank), not {bad}")
     dispatchers = _csv(args.dispatcher, "--dispatcher")
-    if bad := [d for d in dispatchers if d not in ("alltoall", "allgather")]:
-        raise UsageError(f"--demo dispatchers are alltoall and allgather, not {bad}")
+    if bad := [d for d in dispatchers if d not in DISPATCHERS]:
+        raise UsageError(f"--demo dispatchers are {' and '.join(DISPATCHERS)}, not {bad}")
     data = _csv(args.data or "text", "--data")
     if bad := [d for d in data if d not in DATA_SOURCES]:
         raise UsageError(f"--demo data is one of {', '.join(DATA_SOURCES)}, not {bad}")
@@ -114,6 +115,7 @@ def demo_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
 
 def recipe_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
     from megatron_moe_probe import recipes
+    from megatron_moe_probe.megatron.data import require_dataset
 
     if not args.targets:
         raise UsageError("name recipes to train (moe-probe render --list), or give --demo")
@@ -123,8 +125,8 @@ def recipe_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
     ep_of = {target: recipes.load_recipe(target).parallelism.ep for target in args.targets}
     data = _csv(args.data or "recipe", "--data")
     for prefix in data:
-        if prefix != "recipe" and not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
-            raise UsageError(f"--data {prefix}: no {prefix}.bin / {prefix}.idx (`recipe` means the recipe's own data)")
+        if prefix != "recipe":
+            require_dataset(prefix, "--data", "`recipe` means the recipe's own data")
     grid = []
     for target, prefix in itertools.product(args.targets, data):
         name = target.replace(":", "-").replace("/", "_") + ("" if prefix == "recipe" else f"-{Path(prefix).name}")
@@ -305,14 +307,12 @@ def summarize(cells: list[Cell], out: Path, args: argparse.Namespace, console) -
         console.print("[red]no cell finished[/]")
         return 1
     warmup = args.warmup if args.warmup is not None else (args.iters or 40) // 4
-    rows = compare.compare([out / c.name for c in done], {}, warmup)
-    first_loss: dict[str, float] = {}
+    # Loss parity is between cells that differ only in dispatcher/recipe: same EP and data.
+    parity = [json.dumps({k: v for k, v in c.params.items() if k not in ("dispatcher", "recipe")}, sort_keys=True)
+              for c in done]
+    rows = compare.compare([out / c.name for c in done], {}, warmup, parity_groups=parity)
     for row, cell in zip(rows, done):
         row.update(cell=cell.name, group=cell.group, params=cell.params, seconds=cell.seconds)
-        # Loss parity is between cells that differ only in dispatcher/recipe: same EP and data.
-        key = json.dumps({k: v for k, v in cell.params.items() if k not in ("dispatcher", "recipe")}, sort_keys=True)
-        first_loss.setdefault(key, row.get("final_lm_loss", math.nan))
-        row["loss_delta_vs_first"] = row.get("final_lm_loss", math.nan) - first_loss[key]
     compare.print_table(rows)
     spread = repeat_spread(rows)
     if spread:

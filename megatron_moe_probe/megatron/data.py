@@ -46,6 +46,13 @@ class Tokenizer:
     train_args: list[str]
 
 
+def require_dataset(prefix: str, flag: str, hint: str) -> None:
+    """A clear UsageError unless PREFIX.bin and PREFIX.idx both exist (Megatron's own error comes
+    only after the workers have started)."""
+    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+        raise UsageError(f"{flag} {prefix}: no {prefix}.bin / {prefix}.idx ({hint})")
+
+
 def byte_tokenizer() -> Tokenizer:
     return Tokenizer("bytes", lambda raw: list(raw), BYTE_EOD, BYTE_VOCAB,
                      ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB)])

@@ -423,10 +423,10 @@ def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, st
         spec = f"{spec}:{args.variant}"
     r = recipes.load_recipe(spec)
     if data_path:
+        from megatron_moe_probe.megatron.data import require_dataset
+
         for prefix in data_path:
-            if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-                raise UsageError(f"--data-path {prefix}: no {prefix}.bin / {prefix}.idx (build one with "
-                                 "`moe-probe build-dataset`)")
+            require_dataset(prefix, "--data-path", "build one with `moe-probe build-dataset`")
         data = r.data.model_copy(update={"source": "path", "paths": list(data_path), "split": "100,0,0"})
         r = r.model_copy(update={"data": data})
     availability = None
