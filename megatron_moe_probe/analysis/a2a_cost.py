@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moe_probe import stats
+from megatron_moe_probe.analysis.whatif import received_from_others
 from megatron_moe_probe.errors import UsageError
 
 
@@ -77,7 +78,7 @@ def dispatch_cost(rank_matrix: torch.Tensor, assignments_per_rank: float, bytes_
     balanced = torch.full((ep, ep), total / ep**2, dtype=torch.float64)
     t_skewed = all_to_all_seconds(skewed, fabric)
     t_balanced = float(all_to_all_seconds(balanced, fabric))
-    from_others = skewed.sum(-2) - skewed.diagonal(dim1=-2, dim2=-1)
+    from_others = received_from_others(skewed)
     return [{"max_bytes_received": b, "balanced_bytes_received": total / ep * (ep - 1) / ep,
              "balanced_us": t_balanced * 1e6, "skewed_us": t * 1e6, "penalty": t / t_balanced}
             for b, t in zip(from_others.amax(-1).tolist(), t_skewed.tolist())]
