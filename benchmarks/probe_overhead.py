@@ -74,6 +74,7 @@ class Bench:
         self.timing_host_s = 0.0  # the dispatcher timer's own host time, "timing" windows
         self.timing_calls = 0
         self.timing_iters = 0
+        self._event_pool = None  # the timer's events, kept from one timing window to the next
         self.split_sums = defaultdict(lambda: None)  # slot -> summed input_splits since last flush
         self.verify_errors = []
         self.verified_flushes = 0
@@ -324,7 +325,7 @@ class Bench:
             s.paused = False
             if mode == "timing" and not probe.probe.timers:
                 probe.enable_timing()
-                if getattr(self, "_event_pool", None) is not None:
+                if self._event_pool is not None:
                     self._event_pool.reset()
                     probe.probe.timers[0].pool = self._event_pool
         self.mode = mode
