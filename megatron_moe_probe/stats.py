@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_moe_probe import record
+
 LOCAL, INTRA_NODE, INTER_NODE = 0, 1, 2
 LOCALITY_NAMES = ("local", "intra_node", "inter_node")
 
@@ -132,16 +134,16 @@ def locality_split(rank_matrix: torch.Tensor, nodes: list[int]) -> torch.Tensor:
     return (rank_matrix.unsqueeze(-1) * onehot).sum((-3, -2))
 
 
-# Statistics reported per layer: name -> (function of counts, which way is worse).
-# "worse" is +1 when larger is more imbalanced, -1 when smaller is.
-EXPERT_STATS = {
-    "max_over_mean": (max_over_mean, +1),
-    "min_over_mean": (min_over_mean, -1),
-    "gini": (gini, +1),
-    "cv": (coefficient_of_variation, +1),
-    "entropy": (normalized_entropy, -1),
-    "dead_experts": (dead_count, +1),
-}
+# Statistics reported per layer: name (record.EXPERT_STATS, in its order) -> (function of
+# counts, which way is worse). "worse" is +1 when larger is more imbalanced, -1 when smaller is.
+EXPERT_STATS = dict(zip(record.EXPERT_STATS, (
+    (max_over_mean, +1),
+    (min_over_mean, -1),
+    (gini, +1),
+    (coefficient_of_variation, +1),
+    (normalized_entropy, -1),
+    (dead_count, +1),
+), strict=True))
 
 
 def expert_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:

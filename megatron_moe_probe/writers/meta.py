@@ -16,7 +16,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from megatron_moe_probe.writers.local import to_json_safe
+from megatron_moe_probe.record import to_json_safe
 
 _DISTRIBUTIONS = (
     "megatron-moe-probe",
