@@ -119,18 +119,22 @@ def locality_classes(source_node: int, destination_nodes: list[int], source_inde
     return torch.tensor(out, dtype=torch.long)
 
 
+def locality_matrix(nodes: list[int]) -> torch.Tensor:
+    """[src, dst] locality class (LOCAL, INTRA_NODE, INTER_NODE) of every pair of an EP group
+    whose rank i runs on node `nodes[i]`."""
+    node = torch.tensor(nodes)
+    classes = torch.full((len(nodes), len(nodes)), INTER_NODE, dtype=torch.long)
+    classes[node[:, None] == node[None, :]] = INTRA_NODE
+    classes[torch.eye(len(nodes), dtype=torch.bool)] = LOCAL
+    return classes
+
+
 def locality_split(rank_matrix: torch.Tensor, nodes: list[int]) -> torch.Tensor:
     """Split a [..., EP, EP] matrix of one EP group into [..., 3] local / intra-node / inter-node volume."""
     ep = rank_matrix.shape[-1]
     if len(nodes) != ep:
         raise ValueError(f"need the node of each of the {ep} EP ranks, got {len(nodes)}")
-    node = torch.tensor(nodes)
-    same_node = node[:, None] == node[None, :]
-    diag = torch.eye(ep, dtype=torch.bool)
-    classes = torch.full((ep, ep), INTER_NODE, dtype=torch.long)
-    classes[same_node] = INTRA_NODE
-    classes[diag] = LOCAL
-    onehot = torch.nn.functional.one_hot(classes, 3).to(rank_matrix.dtype)  # [src, dst, 3]
+    onehot = torch.nn.functional.one_hot(locality_matrix(nodes), 3).to(rank_matrix.dtype)  # [src, dst, 3]
     return (rank_matrix.unsqueeze(-1) * onehot).sum((-3, -2))
 
 
