@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.yaml_io import read_yaml
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
-from megatron_moe_probe.selection.card import default_card, format_validation_error
+from megatron_moe_probe.selection.card import Card, default_card, format_validation_error
 from megatron_moe_probe.selection.recommend import Query, Recommendation, flag_set, recommend
 from megatron_moe_probe.settings import probe_flags
 from megatron_moe_probe.writers.base import WRITER_NAMES
@@ -39,6 +39,15 @@ RECIPES_DIR = package_data("recipes")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _card(info: ValidationInfo) -> Card:
+    """The skill card a recipe is validated against, handed in by `load_recipe_data` (validation
+    context), so that checking a field reads nothing from disk."""
+    card = (info.context or {}).get("card")
+    if card is None:
+        raise ValueError("validate recipes with load_recipe_data (it supplies the skill card)")
+    return card
 
 
 class Moe(_Strict):
@@ -124,8 +133,8 @@ class Model(_Strict):
 
     @field_validator("family")
     @classmethod
-    def _family(cls, v: str) -> str:
-        fams = [f.id for f in default_card().model_families]
+    def _family(cls, v: str, info: ValidationInfo) -> str:
+        fams = [f.id for f in _card(info).model_families]
         if v not in fams:
             raise ValueError(f"unknown model family {v!r}; allowed: {', '.join(fams)}")
         return v
@@ -177,8 +186,8 @@ class Dispatcher(_Strict):
 
     @field_validator("hardware")
     @classmethod
-    def _hw(cls, v: str) -> str:
-        card = default_card()
+    def _hw(cls, v: str, info: ValidationInfo) -> str:
+        card = _card(info)
         try:
             return card.resolve_hardware(v)
         except UsageError:
@@ -345,7 +354,7 @@ def load_recipe_data(data: Any, what: str, variant: str | None = None) -> Recipe
     elif "variant" in raw:
         raise UsageError(f"{what}: field 'variant' is set by NAME:VARIANT, not in the file")
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={"card": default_card()})
     except ValidationError as exc:
         label = f"{what}" + (f" (variant {variant})" if variant else "")
         raise UsageError(format_validation_error(exc, f"recipe {label}", SCHEMA_MODELS)) from None
