@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give recipes or --demo, not both")
     if args.demo and args.megatron_args:
         raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
+    if args.cell_timeout is not None and not args.cell_timeout > 0:
+        raise UsageError(f"--cell-timeout {args.cell_timeout:g}: must be a positive number of seconds")
+    if args.warmup is not None and args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be 0 or more")
     out = Path(args.out)
     cells = cells_from(args, out)
     if args.dry_run:
@@ -76,15 +80,16 @@ def run(args: argparse.Namespace) -> int:
         for cell in cells:
             print(f"# {cell.name}\n{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
         return 0
+    matrix.check_out_folder(out, cells)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc}") from None
+        raise UsageError(f"cannot create {out}: {exc.strerror or exc}") from None
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = Console()  # the terminal's width, 80 in a log (or $COLUMNS)
     argv = sys.argv[1:]
     todo = matrix.mark_finished(cells, out, args.rerun)
     if len(todo) < len(cells):
@@ -159,11 +164,13 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
         high = [max(v) - m if v else 0 for m, v in zip(mid, values)]
         ax.bar(x, mid, yerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
         ax.set_title(label, fontsize="medium")
+        ax.set_ylabel(label, fontsize="small")
         ax.set_xticks(list(x), list(groups), rotation=60, ha="right", fontsize="small")
-        if key != "ms_per_iter":
-            ax.set_ylim(bottom=min(1.0, *[m for m in mid if not math.isnan(m)]) if key != "gini" else 0)
+        ax.set_ylim(bottom=0)  # bars from 0: a value at the perfect-balance 1.0 is a bar, not nothing
+        if key in ("max_over_mean", "receiver_skew"):
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="balanced (1.0)")
     fig.suptitle("matrix: median per cell, bars = min-max over repeats")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def _print_spread(spread: list[dict], console) -> None:

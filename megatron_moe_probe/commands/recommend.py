@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Callable
 
+from megatron_moe_probe.commands import print_json
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card, default_card
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     q = build_query(args, card)
     rec = recommend(q, card, availability_from_args(card, args.assume_installed))
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2, default=str))
+        print_json(rec.to_dict())  # strict JSON
     else:
         print(format_text(rec, card, explain=args.explain))
     return 0

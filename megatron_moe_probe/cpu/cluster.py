@@ -63,6 +63,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, conn, parent_pid: i
     from megatron_moe_probe.lifetime import die_with_parent
 
     die_with_parent(parent_pid)  # a rank never outlives the process that started it (kill -9 included)
+    from megatron_moe_probe.quiet import quiet_cpu_notices
+
+    quiet_cpu_notices()
     try:
         # Megatron warns about every missing optional accelerator package; on CPU that is noise.
         warnings.filterwarnings("ignore")

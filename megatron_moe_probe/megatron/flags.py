@@ -121,3 +121,36 @@ def resolve(args) -> ProbeSettings:
         history=history,
         heatmap_every=given["heatmap_every"],
     )
+
+
+class _Refused(Exception):
+    pass
+
+
+def check_megatron_args(argv: list[str]) -> None:
+    """Parse `argv` with Megatron's own parser plus the probe's flags, as every worker will, and
+    raise UsageError naming the first mistake (`--moe-probe-interval -3`, an unknown writer, a
+    misspelt Megatron flag): before anything is printed or launched, so it costs no GPU time.
+    Only the parsing: what Megatron validates against the world size is checked by the workers."""
+    import warnings
+
+    from megatron_moe_probe.errors import UsageError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _Refused(message)
+
+    from megatron_moe_probe.quiet import quiet_cpu_notices
+
+    quiet_cpu_notices()  # import notices (no CUDA here, no TE/Apex) tell a dry run nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.training.arguments import add_megatron_arguments
+
+        parser = Parser(description="Megatron-LM Arguments", allow_abbrev=False)
+        parser = add_megatron_arguments(parser)
+    parser = add_probe_args(parser)
+    try:
+        parser.parse_args(argv)
+    except _Refused as exc:
+        raise UsageError(f"Megatron args: {exc}") from None

@@ -23,7 +23,7 @@ from pathlib import Path
 from megatron_moe_probe import record
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.offline import wandb_source
-from megatron_moe_probe.offline.run_row import comparison_row, run_dispatcher
+from megatron_moe_probe.offline.run_row import comparison_row, run_data, run_dispatcher
 from megatron_moe_probe.offline.train_log import TrainLog, read_train_jsonl, read_train_log
 
 
@@ -42,7 +42,7 @@ def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
     """compare's row for a probe run folder."""
     meta, reports = record.load_run(run)
     identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
-                "data": meta.get("data")}
+                "data": run_data(meta)}
     return comparison_row(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log,
                           warmup)
 
@@ -50,7 +50,7 @@ def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
 def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,
             parity_groups: list[str] | None = None) -> list[dict]:
     """One row per run. `loss_delta_vs_first` is each run's final loss minus that of the first run
-    in its parity group (default: one group, the first run)."""
+    in its parity group (default: runs on the same data; losses on different data do not compare)."""
     rows = []
     for run in runs:
         explicit = logs.get(str(Path(run)))
@@ -61,8 +61,11 @@ def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_ti
         else:
             raise UsageError(f"not a run folder: {run} (give a probe run folder, a wandb run folder "
                              "or wandb:ENTITY/PROJECT/RUN_ID)")
+    groups = parity_groups or [str(row.get("data")) for row in rows]
     first_loss: dict[str, float] = {}
-    for row, group in zip(rows, parity_groups or [""] * len(rows)):
+    for row, group in zip(rows, groups):
         loss = row.get("final_lm_loss", math.nan)
-        row["loss_delta_vs_first"] = loss - first_loss.setdefault(group, loss)
+        # A run alone in its group has nothing to be compared with: no delta, not a 0.
+        alone = groups.count(group) == 1 and len(rows) > 1
+        row["loss_delta_vs_first"] = math.nan if alone else loss - first_loss.setdefault(group, loss)
     return rows

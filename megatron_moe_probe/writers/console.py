@@ -77,6 +77,26 @@ def table_rows(report: IntervalReport) -> list[list[str]]:
     ]
 
 
+def column_chunks(headers: list[str], rows: list[list[str]], width: int) -> list[list[int]]:
+    """Indices of columns 1.. (column 0, the key, is repeated in every part) in groups that each
+    fit `width` characters with one space between columns: a table too wide for the terminal is
+    printed as several tables, never with cut or folded cells."""
+    def need(j: int) -> int:
+        header = max(len(line) for line in headers[j].splitlines())
+        return max([header, *(len(r[j]) for r in rows)]) + 1
+
+    first = need(0) + 1
+    chunks: list[list[int]] = [[]]
+    used = first
+    for j in range(1, len(headers)):
+        if chunks[-1] and used + need(j) > width:
+            chunks.append([])
+            used = first
+        chunks[-1].append(j)
+        used += need(j)
+    return chunks
+
+
 class ConsoleWriter:
     name = "console"
 
@@ -90,21 +110,24 @@ class ConsoleWriter:
         self.console = console
 
     def write(self, report: IntervalReport) -> None:
-        from rich.table import Table
         from rich import box
+        from rich.table import Table
 
         title = (
             f"moe-probe step {report.step} ({report.steps} steps, "
             f"{report.num_experts} experts, EP={report.ep_size})"
         )
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
-                      padding=0)  # the box draws one space between columns
-        table.add_column("layer", justify="right", no_wrap=True)
-        for header, _, _ in table_columns(report):
-            table.add_column(header, justify="right", overflow="fold")
-        for cells in table_rows(report):
-            table.add_row(*cells)
-        self.console.print(table)
+        columns = table_columns(report)
+        rows = table_rows(report)
+        headers = ["layer", *(header for header, _, _ in columns)]
+        for part, chunk in enumerate(column_chunks(headers, rows, self.console.width)):
+            table = Table(title=title if part == 0 else None, box=box.SIMPLE_HEAD, title_justify="left",
+                          pad_edge=False, padding=0)  # the box draws one space between columns
+            for j in (0, *chunk):
+                table.add_column(headers[j], justify="right", no_wrap=True)
+            for cells in rows:
+                table.add_row(*(cells[j] for j in (0, *chunk)))
+            self.console.print(table)
 
     def close(self) -> None:
         pass
