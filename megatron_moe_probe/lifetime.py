@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-GRACE_S = 5.0  # from SIGTERM to SIGKILL; below `moe-probe matrix`'s own grace, so the guard finishes first
+GRACE_S = 3.0  # from SIGTERM to SIGKILL, twice at most: well below `moe-probe matrix`'s own grace (15 s)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 

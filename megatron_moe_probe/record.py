@@ -277,10 +277,52 @@ def decode_report(data: dict[str, Any]) -> IntervalReport:
     missing = [f for f in ("step", "layers", "per_layer") if f not in data]
     if missing:
         raise ValueError(f"not an interval record (missing {', '.join(missing)})")
+    _check_shape(data)
     per_layer = [
         {k: (math.nan if v is None else v) for k, v in row.items()} for row in data.get("per_layer", [])
     ]
     return IntervalReport.from_dict({**data, "per_layer": per_layer})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """A record's fields have the types and lengths the readers rely on (ValueError otherwise),
+    so that a damaged record is one clear error, not a TypeError deep in an analysis."""
+    for name in ("step", "steps", "num_experts", "ep_size"):
+        if name in data and not _is_int(data[name]):
+            raise ValueError(f"{name} is {data[name]!r}, not an integer")
+    if "time" in data and not isinstance(data["time"], (int, float)):
+        raise ValueError(f"time is {data['time']!r}, not a number")
+    layers, per_layer = data["layers"], data["per_layer"]
+    if not isinstance(layers, list) or not all(_is_int(n) for n in layers):
+        raise ValueError("layers is not a list of layer numbers")
+    if not isinstance(per_layer, list) or not all(isinstance(row, dict) for row in per_layer):
+        raise ValueError("per_layer is not a list of objects")
+    if len(per_layer) != len(layers):
+        raise ValueError(f"{len(per_layer)} per_layer rows for {len(layers)} layers")
+    for row in per_layer:
+        bad = [k for k, v in row.items() if v is not None and not isinstance(v, (int, float))]
+        if bad:
+            raise ValueError(f"per_layer statistic {bad[0]!r} is not a number")
+    for name, depth in (("tokens_per_expert", 2), ("dropped_per_expert", 2), ("rank_matrix", 3)):
+        value = data.get(name, [])
+        if not _nested_numbers(value, depth):
+            raise ValueError(f"{name} is not a {depth}-level list of counts")
+    if data.get("tokens_per_expert") and len(data["tokens_per_expert"]) != len(layers):
+        raise ValueError(f"tokens_per_expert has {len(data['tokens_per_expert'])} rows for {len(layers)} layers")
+    if "meta" in data and not isinstance(data["meta"], dict):
+        raise ValueError("meta is not an object")
+
+
+def _nested_numbers(value: Any, depth: int) -> bool:
+    if not isinstance(value, list):
+        return False
+    if depth == 1:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return all(_nested_numbers(v, depth - 1) for v in value)
 
 
 def _import_pyarrow() -> tuple[Any, Any]:
@@ -500,9 +542,12 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not meta_path.exists():
         return {}
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CorruptRunError(f"{meta_path}: not valid JSON ({exc})") from exc
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptRunError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptRunError(f"{meta_path}: not a JSON object (a {type(meta).__name__})")
+    return meta
 
 
 def iter_reports(path: str | os.PathLike[str]) -> list[IntervalReport]:
@@ -526,11 +571,15 @@ def iter_reports(path: str | os.PathLike[str]) -> list[IntervalReport]:
                 )
             try:
                 data = json.loads(raw)
-                if isinstance(data, dict) and data.get("kind", "interval") != "interval":
-                    continue  # a record kind from a newer writer: not ours to read
-                reports.append(decode_report(data))
-            except (ValueError, TypeError) as exc:
+            except ValueError as exc:  # not JSON: cut short by a kill, tolerated as the last line only
                 bad = (lineno, f"{type(exc).__name__}: {exc}")
+                continue
+            if isinstance(data, dict) and data.get("kind", "interval") != "interval":
+                continue  # a record kind from a newer writer: not ours to read
+            try:
+                reports.append(decode_report(data))
+            except (ValueError, TypeError) as exc:  # whole JSON but not a record: damaged, wherever it is
+                raise CorruptRunError(f"{file}:{lineno}: not a valid interval record ({exc})") from None
     if bad is not None:
         log.warning(
             "moe-probe: %s:%d: skipped a cut-short last record (%s); the run was probably interrupted",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -13,9 +14,11 @@ from megatron_moe_probe.values import nan_median
 
 
 def _table(title: str, headers: list[str], caption: str | None = None) -> Table:
-    table = Table(title=title, caption=caption, caption_justify="left", title_justify="left")
+    # One space between columns, headers wrapped at their spaces: the tables fit 80 columns.
+    table = Table(title=title, caption=caption, caption_justify="left", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right")
+        table.add_column(header, justify="left" if i == 0 else "right", overflow="fold")
     return table
 
 

@@ -215,7 +215,7 @@ def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None)
         cell.status, cell.extra["reason"] = "failed", "exited 0 but wrote no probe reports"
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM the cell's process group (torchrun and its workers, or the demo's ranks), wait
     for all of it to exit, SIGKILL what is left after `grace` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
