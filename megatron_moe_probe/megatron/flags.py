@@ -57,7 +57,8 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "tensorboard when --tensorboard-dir is set and wandb when --wandb-project is set)")
     g.add_argument(FLAGS["timing"], nargs="?", const=TIMING_MODES[0], default=None, choices=TIMING_MODES,
                    help="time token_dispatch / token_combine per layer with CUDA events: forward and backward "
-                        "(the flag alone, or `all`), or `forward` only, at about half the host cost")
+                        "(the flag alone, or `all`), or `forward` only, at about a quarter of the host cost (measured on "
+                        "CPU: 40 us per wrapped call vs 162-189 us for forward and backward)")
     g.add_argument(FLAGS["gpus_per_node"], type=_positive_int, default=None,
                    help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
     g.add_argument(FLAGS["history"], type=_positive_int, default=None,
