@@ -16,7 +16,7 @@ from megatron_moe_probe.errors import UsageError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_moe_probe.demo", "tiny MoE training on CPU (EP=2, 4 or 8 over gloo) with the probe on"),
-    "recommend": ("megatron_moe_probe.selection.recommend", "which token dispatcher to use, and its flags"),
+    "recommend": ("megatron_moe_probe.selection.command", "which token dispatcher to use, and its flags"),
     "compare": ("megatron_moe_probe.compare", "compare runs: step time, TFLOP/s, memory, loss parity, routing"),
     "analyze": ("megatron_moe_probe.analysis.cli", "analyse a run: EP what-if, bands, placement, all-to-all cost, vs another run"),
     "render": ("megatron_moe_probe.recipes", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),

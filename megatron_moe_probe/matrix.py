@@ -57,7 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("targets", nargs="*", help="recipes (NAME or NAME:VARIANT) to train with `moe-probe train`")
     p.add_argument("--demo", action="store_true", help="CPU grid with `moe-probe demo` instead of recipes")
     p.add_argument("--ep", default="2,4", help="--demo: EP degrees (processes), from 2, 4, 8 (default 2,4)")
-    p.add_argument("--dispatcher", default="alltoall,allgather", help="--demo: dispatchers (default both)")
+    p.add_argument("--dispatcher", default=None,
+                   help="comma list. --demo: alltoall, allgather (default both). Recipes: backends to force in every "
+                        "recipe, one cell each (alltoall, allgather, deepep, hybridep, ncclep; default: the recipe's own): "
+                        "the matched A/B that `moe-probe recommend` prints")
+    p.add_argument("--assume-installed", default=None, metavar="LIST",
+                   help="recipes: passed to every `moe-probe train` cell (and used by --dry-run to validate the cells)")
     p.add_argument("--data", default=None,
                    help="comma list. Recipes: `recipe` (the recipe's own data, default) or indexed dataset "
                         "prefixes. --demo: text, mock, random (default text)")
@@ -70,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare: skip intervals up to this iteration (default: a quarter of --iters)")
     p.add_argument("--cell-timeout", type=float, default=None, metavar="S", help="stop a cell after S seconds")
     p.add_argument("--rerun", action="store_true", help="train cells again even when matrix.json says they finished")
-    p.add_argument("--dry-run", action="store_true", help="print each cell's command and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every cell (recipe, dispatcher, availability gate, rendered args) and print its "
+                        "command; trains nothing")
     from megatron_moe_probe.cli import args_after_dashdash
 
     p.parse_args = args_after_dashdash(p.parse_args)
@@ -93,7 +100,7 @@ def demo_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
     if bad := [e for e in eps if e not in RANKS]:
         choices = f"{', '.join(map(str, RANKS[:-1]))} or {RANKS[-1]}"
         raise UsageError(f"--demo runs EP {choices} (one process per EP rank), not {bad}")
-    dispatchers = _csv(args.dispatcher, "--dispatcher")
+    dispatchers = _csv(args.dispatcher or ",".join(DISPATCHERS), "--dispatcher")
     if bad := [d for d in dispatchers if d not in DISPATCHERS]:
         raise UsageError(f"--demo dispatchers are {' and '.join(DISPATCHERS)}, not {bad}")
     data = _csv(args.data or "text", "--data")
@@ -122,19 +129,50 @@ def recipe_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
     if args.global_batch is not None:
         raise UsageError("--global-batch is for --demo cells; for recipes pass Megatron's: -- --global-batch-size N")
     # Loading each recipe now makes a typo fail before an hour of other cells, not after.
-    ep_of = {target: recipes.load_recipe(target).parallelism.ep for target in args.targets}
+    loaded = {target: recipes.load_recipe(target) for target in args.targets}
+    dispatchers = _csv(args.dispatcher, "--dispatcher") if args.dispatcher else [None]
+    for d in dispatchers:
+        if d is not None:
+            recipes.with_dispatcher(next(iter(loaded.values())), d)  # an unknown backend fails here
     data = _csv(args.data or "recipe", "--data")
     for prefix in data:
         if prefix != "recipe":
             require_dataset(prefix, "--data", "`recipe` means the recipe's own data")
+    assume = ["--assume-installed", args.assume_installed] if args.assume_installed is not None else []
     grid = []
-    for target, prefix in itertools.product(args.targets, data):
-        name = target.replace(":", "-").replace("/", "_") + ("" if prefix == "recipe" else f"-{Path(prefix).name}")
-        cmd = [*CLI, "train", target, *([] if prefix == "recipe" else ["--data-path", prefix]), "--",
+    for target, dispatcher, prefix in itertools.product(args.targets, dispatchers, data):
+        name = target.replace(":", "-").replace("/", "_") + ("" if dispatcher is None else f"-{dispatcher}") + \
+            ("" if prefix == "recipe" else f"-{Path(prefix).name}")
+        cmd = [*CLI, "train", target, *([] if dispatcher is None else ["--dispatcher", dispatcher]), *assume,
+               *([] if prefix == "recipe" else ["--data-path", prefix]), "--",
                *(["--train-iters", str(args.iters)] if args.iters else []),
                "--moe-probe", "--moe-probe-writers", "local", "--moe-probe-dir"]
-        grid.append((name, {"recipe": target, "ep": ep_of[target], "data": prefix}, cmd, args.megatron_args))
+        params = {"recipe": target, "ep": loaded[target].parallelism.ep, "data": prefix}
+        if dispatcher is not None:
+            params["dispatcher"] = dispatcher
+        grid.append((name, params, cmd, args.megatron_args))
     return _with_repeats(grid, args.repeat, out, "megatron.log")
+
+
+def validate_recipe_cells(cells: list[Cell], assume_installed: str | None) -> list[str]:
+    """Render every recipe cell as `moe-probe train` would (recipe, forced dispatcher, availability
+    gate, data): a cell that cannot start fails here, before anything trains. Returns one line per cell."""
+    from megatron_moe_probe import recipes
+    from megatron_moe_probe.selection.availability import assumed, parse_backend_list, probe
+    from megatron_moe_probe.selection.card import default_card
+
+    card = default_card()
+    availability = probe(card) if assume_installed is None else assumed(card, parse_backend_list(assume_installed))
+    lines = []
+    for cell in cells:
+        r = recipes.load_recipe(cell.params["recipe"])
+        if cell.params.get("dispatcher"):
+            r = recipes.with_dispatcher(r, cell.params["dispatcher"])
+        resolved = recipes.resolve_dispatcher(r, availability)
+        recipes.render(r, resolved=resolved)
+        lines.append(f"# {cell.name}: ok, dispatcher {resolved.backend}, world size {r.parallelism.world_size}"
+                     + "".join(f"; {k}={v}" for k, v in resolved.env.items()))
+    return lines
 
 
 def _with_repeats(grid: list[tuple[str, dict, list[str], list[str]]], repeat: int, out: Path,
@@ -246,11 +284,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
     out = Path(args.out)
     cells = demo_cells(args, out) if args.demo else recipe_cells(args, out)
+    if args.demo and (args.assume_installed is not None):
+        raise UsageError("--assume-installed is for recipe cells; --demo runs alltoall/allgather on CPU")
     if args.dry_run:
         import shlex
 
-        for cell in cells:
-            print(f"# {cell.name}\n{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+        checked = [] if args.demo else validate_recipe_cells(cells, args.assume_installed)
+        for i, cell in enumerate(cells):
+            print(checked[i] if checked else f"# {cell.name}")
+            print(f"{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+        print(f"# dry run: {len(cells)} cell(s) validated, nothing trained")
         return 0
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -394,6 +394,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-addr", default=None, help="node 0's address (multi-node)")
     p.add_argument("--master-port", type=int, default=29500, help="node 0's port (multi-node; default 29500)")
     p.add_argument("--no-probe", action="store_true", help="leave out the recipe's --moe-probe* flags")
+    p.add_argument("--dispatcher", default=None, metavar="BACKEND",
+                   help="force the recipe's dispatcher (alltoall, allgather, deepep, hybridep, ncclep): one A/B cell")
     p.add_argument("--assume-installed", default=None, metavar="LIST",
                    help="resolve the recipe's `auto` dispatcher for another machine: comma list "
                         "(deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
@@ -422,6 +424,8 @@ def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, st
             raise UsageError(f"give the variant once: {spec!r} and --variant {args.variant!r}")
         spec = f"{spec}:{args.variant}"
     r = recipes.load_recipe(spec)
+    if getattr(args, "dispatcher", None):
+        r = recipes.with_dispatcher(r, args.dispatcher)
     if data_path:
         from megatron_moe_probe.megatron.data import require_dataset
 
