@@ -92,13 +92,51 @@ def summarize(run: str, identity: dict, intervals: list[tuple[int, dict[int, dic
     return row
 
 
+PERFORMANCE = ("ms_per_iter", "tflops_per_gpu", "max_allocated_mb", "final_lm_loss", *TIMING)
+
+
+def runtime_check(meta: dict, reports: list) -> dict:
+    """Requested backend (meta.json) against what the live layers ran (the probe's
+    `runtime_dispatchers`, last report): {'requested', 'ran', 'runtime_proof', 'environment_limit'}."""
+    from megatron_moe_probe.megatron.runtime import backends_that_ran, requested_backend
+
+    requested = requested_backend(meta)
+    records = next((r.meta.get("runtime_dispatchers") for r in reversed(reports) if r.meta.get("runtime_dispatchers")), None)
+    if not records:
+        return {"requested": requested, "ran": None, "runtime_proof": "none recorded", "environment_limit": None}
+    ran = backends_that_ran(records)
+    limit = None
+    if requested is not None and ran != [requested]:
+        limit = f"requested {requested}, ran {','.join(ran)}"
+    return {"requested": requested, "ran": ",".join(ran), "runtime_proof": "live modules",
+            "environment_limit": limit, "runtime_dispatchers": records}
+
+
+def mark_environment_limit(row: dict, reason: str) -> dict:
+    """A run whose requested backend did not run is an environment limit, never performance data:
+    its performance numbers move out of the comparison (kept under `not_performance_data`)."""
+    row["status"] = "environment limit"
+    row["environment_limit"] = reason
+    row["not_performance_data"] = {k: row[k] for k in PERFORMANCE if k in row}
+    for k in PERFORMANCE:
+        if k in row:
+            row[k] = math.nan
+    return row
+
+
 def summarize_run(run: Path, log, warmup: int) -> dict:
     from megatron_moe_probe.writers.local import load_run
 
     meta, reports = load_run(run)
     identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
                 "data": meta.get("data")}
-    return summarize(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log, warmup)
+    row = summarize(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log, warmup)
+    check = runtime_check(meta, reports)
+    row.update({k: v for k, v in check.items() if k != "environment_limit"})
+    row["status"] = "ok"
+    if check["environment_limit"]:
+        mark_environment_limit(row, check["environment_limit"])
+    return row
 
 
 def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,
@@ -120,6 +158,9 @@ def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_ti
     first_loss: dict[str, float] = {}
     for row, group in zip(rows, parity_groups or [""] * len(rows)):
         loss = row.get("final_lm_loss", math.nan)
+        if row.get("status") == "environment limit":
+            row["loss_delta_vs_first"] = math.nan  # not a reference for the others either
+            continue
         row["loss_delta_vs_first"] = loss - first_loss.setdefault(group, loss)
     return rows
 
@@ -152,7 +193,8 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="runs compared (medians over intervals after warm-up)")
-    columns = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("EP", "ep", "d"),
+    columns = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("ran", "ran", "s"), ("status", "status", "s"),
+               ("EP", "ep", "d"),
                ("ms/iter", "ms_per_iter", ".1f"), ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
                ("max mem MB", "max_allocated_mb", ".0f"), ("final loss", "final_lm_loss", ".4f"),
                ("Δ loss", "loss_delta_vs_first", "+.4f"), ("max/mean", "max_over_mean", ".3f"),
@@ -160,7 +202,7 @@ def print_table(rows: list[dict]) -> None:
                ("rank max/mean", "rank_max_over_mean", ".3f"), ("recv skew", "receiver_skew", ".3f"),
                ("dispatch fwd ms", "dispatch_fwd_ms", ".2f"), ("combine fwd ms", "combine_fwd_ms", ".2f")]
     # Columns no run has (CPU runs log no TFLOP/s or memory, runs without timing no dispatch ms) are left out.
-    columns = [c for c in columns if c[1] in ("run", "dispatcher") or any(
+    columns = [c for c in columns if c[1] in ("run", "dispatcher", "status") or any(
         _fmt(row.get(c[1]), c[2]) != "-" for row in rows)]
     names = [Path(row["run"]).name for row in rows]
     for header, *_ in columns:
@@ -171,7 +213,12 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         shown = dict(row, run=Path(row["run"]).name)  # the folder name; --json keeps the path
         table.add_row(*[_fmt(shown.get(key), spec) for _, key, spec in columns])
-    Console(width=max(Console().width, 160)).print(table)
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for row in rows:
+        if row.get("status") == "environment limit":
+            console.print(f"{Path(row['run']).name}: ENVIRONMENT LIMIT ({row['environment_limit']}): not performance "
+                          "data, left out of the comparison")
 
 
 def plot_runs(rows: list[dict], path: Path) -> None:

@@ -267,6 +267,21 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def import_failure(log: Path) -> str | None:
+    """The backend import error Megatron raised in a cell's log (the card's messages), or None:
+    such a cell is an environment limit, not a failed or slow dispatcher."""
+    from megatron_moe_probe.selection.card import default_card
+
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    for b in default_card().backends:
+        if b.import_error and b.import_error.split(". ")[0] in text:
+            return f"{b.label}: {b.import_error.split('. ')[0]}"
+    return None
+
+
 def log_tail(path: Path, lines: int = 6) -> str:
     try:
         text = path.read_text(errors="replace").rstrip().splitlines()
@@ -342,6 +357,12 @@ def summarize(cells: list[Cell], out: Path, args: argparse.Namespace, console) -
 
     failed = [c for c in cells if c.status != "ok"]
     for cell in failed:
+        limit = import_failure(out / cell.name / cell.log_name)
+        if limit:
+            cell.extra["environment_limit"] = limit
+            console.print(f"[yellow]{cell.name}: ENVIRONMENT LIMIT[/] ({limit}): the requested backend did not run; "
+                          "not performance data")
+            continue
         reason = cell.extra.get("reason", f"exit code {cell.exit_code}")
         console.print(f"[red]{cell.name} failed[/] ({reason}); end of {out / cell.name / cell.log_name}:\n"
                       f"{log_tail(out / cell.name / cell.log_name)}")
@@ -356,11 +377,16 @@ def summarize(cells: list[Cell], out: Path, args: argparse.Namespace, console) -
     rows = compare.compare([out / c.name for c in done], {}, warmup, parity_groups=parity)
     for row, cell in zip(rows, done):
         row.update(cell=cell.name, group=cell.group, params=cell.params, seconds=cell.seconds)
+    limits = [{"cell": c.name, "group": c.group, "params": c.params, "status": "environment limit",
+               "environment_limit": c.extra["environment_limit"]} for c in failed if c.extra.get("environment_limit")]
+    limits += [{"cell": r["cell"], "group": r["group"], "params": r["params"], "status": "environment limit",
+                "environment_limit": r["environment_limit"]} for r in rows if r.get("status") == "environment limit"]
     compare.print_table(rows)
     spread = repeat_spread(rows)
     if spread:
         _print_spread(spread, console)
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread}, indent=1, default=str))
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread,
+                                                  "environment_limits": limits}, indent=1, default=str))
     compare.plot_runs(rows, out / "layers.png")
     plot_matrix(rows, out / "compare.png")
     console.print(f"matrix: {len(done)} of {len(cells)} cells finished; {out / 'compare.json'}, "
