@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Callable
 
@@ -92,6 +93,7 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
         L.append("")
         L.append("A/B plan: " + p["decides"])
         L.append("  " + p["shell"])
+        L.append("  check it first (CPU, trains nothing): " + shlex.join(p["dry_run_command"]))
         L.append("  held fixed: " + ", ".join(p["held_fixed"]))
         L.append("  benchmark-only: " + p["benchmark_only"]["disclosure"])
         if p["not_installed"]:

@@ -30,6 +30,7 @@ def ab_plan(card: Card, rec: Recommendation, recipe: str | None, assume_installe
            "--iters", str(ab.iters), "--warmup", str(ab.warmup), "--repeat", str(ab.repeat), "--out", out]
     if assume_installed is not None:
         cmd += ["--assume-installed", assume_installed]
+    dry = [*cmd, "--dry-run", "--", *ab.benchmark_args]  # validates every cell, trains nothing (runs on CPU)
     cmd += ["--", *ab.benchmark_args]
     if rec.winner is not None:
         decides = (f"measured winner {card.backend(rec.winner.backend).label} ({rec.winner.source}, {rec.winner.date}); "
@@ -48,6 +49,7 @@ def ab_plan(card: Card, rec: Recommendation, recipe: str | None, assume_installe
         "not_installed": missing,
         "command": cmd,
         "shell": shlex.join(cmd),
+        "dry_run_command": dry,
         "held_fixed": list(ab.held_fixed),
         "benchmark_only": {"args": list(ab.benchmark_args), "disclosure": " ".join(ab.disclosure.split())},
         "timing_window": {"iters": ab.iters, "warmup": ab.warmup, "repeat": ab.repeat},
