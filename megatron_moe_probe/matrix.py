@@ -170,7 +170,7 @@ def validate_recipe_cells(cells: list[Cell], assume_installed: str | None) -> li
             r = recipes.with_dispatcher(r, cell.params["dispatcher"])
         resolved = recipes.resolve_dispatcher(r, availability)
         recipes.render(r, resolved=resolved)
-        lines.append(f"# {cell.name}: ok, dispatcher {resolved.backend}, world size {r.parallelism.world_size}"
+        lines.append(f"## validated: dispatcher {resolved.backend}, world size {r.parallelism.world_size}"
                      + "".join(f"; {k}={v}" for k, v in resolved.env.items()))
     return lines
 
@@ -306,9 +306,11 @@ def run(args: argparse.Namespace) -> int:
 
         checked = [] if args.demo else validate_recipe_cells(cells, args.assume_installed)
         for i, cell in enumerate(cells):
-            print(checked[i] if checked else f"# {cell.name}")
+            print(f"# {cell.name}")
+            if checked:
+                print(checked[i])
             print(f"{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
-        print(f"# dry run: {len(cells)} cell(s) validated, nothing trained")
+        print(f"## dry run: {len(cells)} cell(s) " + ("listed" if args.demo else "validated") + ", nothing trained")
         return 0
     try:
         out.mkdir(parents=True, exist_ok=True)
