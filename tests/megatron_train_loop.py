@@ -9,7 +9,7 @@ set Megatron's globals, build the parallel state, model, DDP wrapper, optimizer
 and scheduler. A resume is what `load_checkpoint` leaves behind: `args.iteration`
 set to the checkpoint's iteration.
 
-CPU-only stand-ins, beyond cpu_compat: tensor factories that Megatron 0.19 pins to
+CPU-only stand-ins, beyond cpu.compat: tensor factories that Megatron 0.19 pins to
 `device="cuda"` (the schedule's token counter, FP32Optimizer's scale) are sent to
 the CPU by a TorchFunctionMode, memory statistics read 0, and gradient clipping
 is off (clip_grads asserts CUDA tensors).
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from megatron_moe_probe.megatron import cpu_cluster as cc
+from megatron_moe_probe.cpu import cluster as cc
 
 GRAD_ACC = 2  # micro-batches per iteration and data-parallel rank
 
@@ -79,7 +79,7 @@ def run_megatron_train(rank: int, world: int, cfg, out_dir: str, train_iters: in
     check the records independently: eval router calls seen, iterations trained, warnings."""
     import logging
 
-    from megatron_moe_probe.megatron import cpu_compat
+    from megatron_moe_probe.cpu import compat as cpu_compat
 
     cpu_compat.enable()
     _cuda_tensors_to_cpu()

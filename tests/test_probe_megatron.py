@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import megatron_jobs as jobs
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
 from megatron_moe_probe.summarize import build_report
 
 BASE = TinyMoEConfig()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import megatron_jobs as jobs
-from megatron_moe_probe.compare import compare
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.offline.compare import compare
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
 from megatron_moe_probe.megatron.runtime import dispatcher_runtime, requested_backend
 
 DATA = Path(__file__).parent / "data"
@@ -96,7 +96,7 @@ def test_compare_marks_a_backend_that_did_not_run_as_environment_limit(tmp_path,
     assert math.isnan(bad["ms_per_iter"]) and math.isnan(bad["loss_delta_vs_first"])  # not performance data
     assert bad["not_performance_data"]["ms_per_iter"] == rows[0]["ms_per_iter"]  # kept, out of the comparison
     # the table says so too
-    from megatron_moe_probe.compare import print_table
+    from megatron_moe_probe.commands.compare import print_table
 
     print_table(rows)
     assert "ENVIRONMENT LIMIT (requested hybridep, ran alltoall)" in capsys.readouterr().out

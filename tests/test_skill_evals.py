@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from megatron_moe_probe.cli import main as cli_main
-from megatron_moe_probe.selection import command
+from megatron_moe_probe.commands import recommend as command
 from megatron_moe_probe.selection.card import CARD_PATH, SKILL_DIR, Card, default_card
 
 CARD = default_card()

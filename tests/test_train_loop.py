@@ -9,8 +9,8 @@ here from the configuration, not from the probe.
 import pytest
 
 import megatron_train_loop as loop
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
-from megatron_moe_probe.writers.local import load_run
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.record import load_run
 
 CFG = TinyMoEConfig()
 WORLD = 2

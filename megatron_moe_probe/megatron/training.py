@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 
 from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, flags_without_probe, resolve  # noqa: F401
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -178,18 +178,18 @@ def _make_session(model) -> Optional[ProbeSession]:
         tb = get_tensorboard_writer()
     except Exception:
         tb = None
-    session = ProbeSession(model, interval=settings["interval"], gpus_per_node=settings["gpus_per_node"],
-                           history=settings["history"], timing=settings["timing"])
+    session = ProbeSession(model, interval=settings.interval, gpus_per_node=settings.gpus_per_node,
+                           history=settings.history, timing=settings.timing)
     meta = collect_run_meta(args, dispatcher=getattr(args, "moe_token_dispatcher_type", None),
-                            extra={"probe": settings, "world_size": world})
+                            extra={"probe": settings.to_dict(), "world_size": world})
     session.writers = make_writers(
-        settings["writers"], settings["out_dir"], meta, rank=0 if rank == writer_rank else 1,
-        heatmap_every=settings["heatmap_every"], tensorboard_writer=tb,
+        settings.writers, settings.out_dir, meta, rank=0 if rank == writer_rank else 1,
+        heatmap_every=settings.heatmap_every, tensorboard_writer=tb,
         wandb_project=getattr(args, "wandb_project", None),
     )
     if rank == writer_rank:
-        log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings["interval"],
-                    ",".join(session.writers.names) or "none", settings["out_dir"])
+        log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings.interval,
+                    ",".join(session.writers.names) or "none", settings.out_dir)
     return session
 
 

@@ -4,7 +4,8 @@
 returns a `Recommendation` whose flags are final (permute fusion on/off, SM count,
 CUDA_DEVICE_MAX_CONNECTIONS, HybridEP's ranks per NVLink domain), so callers such as
 the recipes only ask and never edit them. It never restates the card and never imports
-the recipes; the `moe-probe recommend` command lives in `selection/command.py`.
+the recipes; the `moe-probe recommend` command (arguments, recipes, text, JSON) lives in
+`commands/recommend.py`.
 
 Order of the answer, as the card says ("Hardware narrows the candidate set; it does not
 select the winner"):

@@ -1,8 +1,10 @@
 """`moe-probe recommend`: the command around selection.recommend (arguments, recipes, text, JSON).
 
-This is the only selection module that knows about recipes: it turns `--model` (a card
-family alias or a recipe name) into a family and an expert count, finds the recipe (and
-variant) that matches the query's parallelism for the A/B command, and renders the answer.
+The decision is selection/recommend.py and the A/B plan selection/plan.py; this module reads
+the command line and prints. It is the only recommend code that knows about recipes: it turns
+`--model` (a card family alias or a recipe name) into a family and an expert count, finds the
+recipe (and variant) that matches the query's parallelism for the A/B command, and renders
+the answer.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from typing import Callable
 
 from megatron_moe_probe.errors import UsageError
@@ -231,9 +232,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_text(rec, card, explain=args.explain))
     return 0
-
-
-if __name__ == "__main__":
-    from megatron_moe_probe.cli import main
-
-    sys.exit(main(["recommend", *sys.argv[1:]]))
