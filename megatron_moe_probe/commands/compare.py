@@ -70,7 +70,8 @@ def warn_about_warmup(rows: list[dict]) -> None:
 
 
 # (header, row key, format); two-line headers keep the table inside 80 columns.
-COLUMNS = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("EP", "ep", "d"), ("data", "data", "s"),
+COLUMNS = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("ran", "ran", "s"), ("status", "status", "s"),
+           ("EP", "ep", "d"), ("data", "data", "s"),
            ("ms/\niter", "ms_per_iter", ".1f"), ("TFLOP/s\n/GPU", "tflops_per_gpu", ".1f"),
            ("max mem\nMB", "max_allocated_mb", ".0f"), ("final\nloss", "final_lm_loss", ".4f"),
            ("Δ loss\nsame data", "loss_delta_vs_first", "+.4f"), ("max/\nmean", "max_over_mean", ".3f"),
@@ -92,7 +93,7 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
     console = console or Console()
     columns = COLUMNS + (WIDE_COLUMNS if wide else [])
     # Columns no run has (CPU runs log no TFLOP/s or memory, runs without timing no dispatch ms) are left out.
-    columns = [c for c in columns if c[1] in ("run", "dispatcher") or any(
+    columns = [c for c in columns if c[1] in ("run", "dispatcher", "status") or any(
         _fmt(row.get(c[1]), c[2]) != "-" for row in rows)]
     headers = [header for header, *_ in columns]
     cells = [[_fmt(dict(row, run=Path(row["run"]).name).get(key), spec) for _, key, spec in columns]
@@ -101,11 +102,15 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
         table = Table(title="runs compared (medians over intervals after warm-up)" if part == 0 else None,
                       box=box.SIMPLE_HEAD, padding=0, pad_edge=False, title_justify="left")
         for j in (0, *chunk):
-            table.add_column(headers[j], justify="left" if headers[j] in ("run", "dispatcher", "data") else "right",
-                             no_wrap=True)
+            left = headers[j] in ("run", "dispatcher", "ran", "status", "data")
+            table.add_column(headers[j], justify="left" if left else "right", no_wrap=True)
         for row_cells in cells:
             table.add_row(*(row_cells[j] for j in (0, *chunk)))
         console.print(table)
+    for row in rows:
+        if row.get("status") == "environment limit":
+            console.print(f"{Path(row['run']).name}: ENVIRONMENT LIMIT ({row['environment_limit']}): not performance "
+                          "data, left out of the comparison")
 
 
 def plot_runs(rows: list[dict], path: Path) -> None:

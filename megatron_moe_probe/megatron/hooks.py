@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe_probe import stats
+from megatron_moe_probe.megatron.runtime import layer_runtime
 from megatron_moe_probe.probe import ProbeLayout, RoutingProbe, Snapshot
 
 log = logging.getLogger("megatron_moe_probe")
@@ -338,6 +339,7 @@ class MegatronProbe:
             topk=self.topk,
             gpus_per_node=self.layout.gpus_per_node,
             probe_enabled=self.enabled,
+            runtime_dispatchers=layer_runtime((b.slot + 1, b.dispatcher) for b in self.bindings),
         )
         return snap
 
