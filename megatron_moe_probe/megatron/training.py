@@ -52,13 +52,22 @@ class ProbeSession:
     """
 
     def __init__(self, model_chunks, *, interval: int, writers=None, gpus_per_node: Optional[int] = None,
-                 history: Optional[int] = None, timing: bool | str | None = False):
+                 history: Optional[int] = None, timing: bool | str | None = False,
+                 iterations: str = "counts", domains: Optional[list[str]] = None,
+                 dataset_to_domain: Optional[list[int]] = None):
         from megatron_moe_probe.megatron.hooks import attach
+        from megatron_moe_probe.settings import ITERATION_MODES
 
         if timing not in (None, False, True, "all", "forward"):
             raise ValueError(f"timing must be off (None/False), True/'all' or 'forward', got {timing!r}")
+        if iterations not in ITERATION_MODES:
+            raise ValueError(f"iterations must be one of {', '.join(ITERATION_MODES)}, got {iterations!r}")
         self.interval = interval
-        self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval)
+        self.iterations = iterations
+        self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval,
+                            domains=domains, iteration_matrix=iterations == "matrix")
+        if domains and dataset_to_domain is not None:
+            self.probe.probe.set_domain_table(dataset_to_domain)
         if timing:  # True / "all": forward and backward; "forward": forward only
             self.probe.enable_timing(backward=timing != "forward")
         self.writers = writers
@@ -80,6 +89,17 @@ class ProbeSession:
         if self.alive:
             self.probe.probe.discard_current()
             self._reruns += 1
+
+    @property
+    def domains(self) -> list[str]:
+        return self.probe.probe.domains
+
+    def set_batch_domains(self, dataset_ids, seq_length: int) -> None:
+        """Before a micro-batch's forward: its dataset id per sample (`batch["dataset_id"]` of
+        Megatron's BlendedDataset, shape [micro_batch]), and the sequence length. Device work
+        only (a lookup, a tile, one copy into a fixed buffer); a no-op without domains."""
+        if self.alive and self.probe.probe.domains and dataset_ids is not None:
+            self.probe.set_domain(dataset_ids, seq_length)
 
     def after_step(self, iteration: int, skipped: bool = False) -> Optional[IntervalReport]:
         """Call once per training iteration, with the number of completed iterations; `skipped`
@@ -112,7 +132,7 @@ class ProbeSession:
         snap.meta.update(skipped_iterations=self._skipped, reruns=self._reruns)
         self._skipped, self._reruns = [], 0
         try:
-            report = build_report(snap)  # local: on failure skip this report but stay in step with
+            report = build_report(snap, keep_iterations=self.iterations != "off")  # local: on failure skip this report but stay in step with
         except Exception as exc:  # the other ranks, which will all-reduce again next interval
             log.warning("moe-probe: could not summarize the interval ending at %d: %r", iteration, exc)
             return None
@@ -178,10 +198,14 @@ def _make_session(model) -> Optional[ProbeSession]:
         tb = get_tensorboard_writer()
     except Exception:
         tb = None
+    domains, dataset_to_domain = blend_domains(args, settings.domains)
     session = ProbeSession(model, interval=settings.interval, gpus_per_node=settings.gpus_per_node,
-                           history=settings.history, timing=settings.timing)
+                           history=settings.history, timing=settings.timing, iterations=settings.iterations,
+                           domains=domains, dataset_to_domain=dataset_to_domain)
     meta = collect_run_meta(args, dispatcher=getattr(args, "moe_token_dispatcher_type", None),
-                            extra={"probe": settings.to_dict(), "world_size": world})
+                            extra={"probe": settings.to_dict(), "world_size": world,
+                                   "domains": {"names": domains, "dataset_to_domain": dataset_to_domain,
+                                               "datasets": blend_prefixes(args) if domains else []}})
     session.writers = make_writers(
         settings.writers, settings.out_dir, meta, rank=0 if rank == writer_rank else 1,
         heatmap_every=settings.heatmap_every, tensorboard_writer=tb,
@@ -191,6 +215,41 @@ def _make_session(model) -> Optional[ProbeSession]:
         log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings.interval,
                     ",".join(session.writers.names) or "none", settings.out_dir)
     return session
+
+
+def blend_prefixes(args) -> Optional[list[str]]:
+    """The training blend's dataset prefixes in the order of BlendedDataset's dataset ids
+    (`--data-path`, or `--train-data-path`), or None."""
+    try:
+        from megatron.training.utils import get_blend_and_blend_per_split
+
+        blend, per_split = get_blend_and_blend_per_split(args)
+    except Exception:
+        return None
+    if blend is None and per_split is not None:
+        blend = per_split[0]
+    return list(blend[0]) if blend else None
+
+
+def blend_domains(args, spec: Optional[str]) -> tuple[list[str], list[int]]:
+    from megatron_moe_probe.settings import resolve_domains
+
+    if getattr(args, "mock_data", False):
+        return [], []
+    return resolve_domains(blend_prefixes(args), spec)
+
+
+def current_session() -> Optional[ProbeSession]:
+    """The session `install()` started, if any (for forward steps and callbacks)."""
+    return _state["session"]
+
+
+def set_batch_domains(dataset_ids, seq_length: int) -> None:
+    """For forward steps and training callbacks (e.g. a Megatron-Bridge callback): the coming
+    micro-batch's dataset id per sample. Does nothing without a session or without domains."""
+    session = _state["session"]
+    if session is not None:
+        session.set_batch_domains(dataset_ids, seq_length)
 
 
 def _session_for(model) -> Optional[ProbeSession]:
