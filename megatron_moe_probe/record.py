@@ -398,6 +398,7 @@ def write_run(run_dir: str | os.PathLike[str], reports: Iterable[IntervalReport]
     folder = Path(run_dir)
     with open_for_append(folder) as f:
         for report in reports:
+            write_arrays(folder, report)
             append_report(f, report)
         os.fsync(f.fileno())
     if meta is not None:
