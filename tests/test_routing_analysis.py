@@ -185,3 +185,25 @@ def test_build_domains_makes_four_indexed_datasets(tmp_path):
         ds = IndexedDataset(r.prefix)
         assert len(ds) == r.documents > 0 and 0 < r.tokens <= 20_000 + r.documents
     assert blend_arguments(results)[:3] == ["--data-path", "1", results[0].prefix]
+
+
+def test_unmodified_scripts_get_domains_from_the_data_iterator():
+    from megatron.core.rerun_state_machine import RerunDataIterator
+
+    from megatron_moe_probe.megatron.training import peek_batch_domains
+
+    class Session:
+        seen = []
+
+        def set_batch_domains(self, ids, seq_length):
+            self.seen.append((ids.tolist(), seq_length))
+
+    batches = [{"tokens": torch.zeros(2, 4), "dataset_id": torch.tensor([0, 1])},
+               {"tokens": torch.zeros(2, 4), "dataset_id": torch.tensor([1, 1])}]
+    session = Session()
+    rerun = peek_batch_domains(RerunDataIterator(iter(batches)), session, 4)
+    assert isinstance(rerun, RerunDataIterator) and peek_batch_domains(rerun, session, 4) is rerun
+    next(rerun), next(rerun)
+    plain = peek_batch_domains(iter(batches), session, 4)
+    next(plain)
+    assert session.seen == [([0, 1], 4), ([1, 1], 4), ([0, 1], 4)]

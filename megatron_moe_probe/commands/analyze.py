@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.against:
         result["against"] = compare_runs(window, load_window(args.against, args.steps, args.layers))
     if args.sweep:
-        result["sweep"] = batch_size_sweep([window] + [load_window(r, None, args.layers) for r in args.sweep])
+        result["sweep"] = batch_size_sweep([window] + [load_window(r, args.steps, args.layers) for r in args.sweep])
     if args.json:
         json.dump(to_json_safe(result), sys.stdout, indent=1)
         print()

@@ -349,6 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     quirks.apply()
     training.install()  # wraps train_step / train / save_checkpoint_and_time before pretrain looks them up
+    training.mark_forward_step_sets_domains()  # forward_step below hands the probe each batch's dataset ids
     args = parse_megatron_args(argv)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(

@@ -198,7 +198,11 @@ def _make_session(model) -> Optional[ProbeSession]:
         tb = get_tensorboard_writer()
     except Exception:
         tb = None
-    domains, dataset_to_domain = blend_domains(args, settings.domains)
+    try:
+        domains, dataset_to_domain = blend_domains(args, settings.domains)
+    except ValueError as exc:  # a bad --moe-probe-domains: count without domains rather than not at all
+        log.warning("moe-probe: per-domain counts off: %s", exc)
+        domains, dataset_to_domain = [], []
     session = ProbeSession(model, interval=settings.interval, gpus_per_node=settings.gpus_per_node,
                            history=settings.history, timing=settings.timing, iterations=settings.iterations,
                            domains=domains, dataset_to_domain=dataset_to_domain)
@@ -239,6 +243,12 @@ def blend_domains(args, spec: Optional[str]) -> tuple[list[str], list[int]]:
     return resolve_domains(blend_prefixes(args), spec)
 
 
+def mark_forward_step_sets_domains() -> None:
+    """The training script's forward step calls `set_batch_domains` itself (moe-probe train's
+    worker does): do not also peek at the data iterator."""
+    _state["forward_step_sets_domains"] = True
+
+
 def current_session() -> Optional[ProbeSession]:
     """The session `install()` started, if any (for forward steps and callbacks)."""
     return _state["session"]
@@ -250,6 +260,51 @@ def set_batch_domains(dataset_ids, seq_length: int) -> None:
     session = _state["session"]
     if session is not None:
         session.set_batch_domains(dataset_ids, seq_length)
+
+
+def peek_batch_domains(data_iterator, session: ProbeSession, seq_length: int):
+    """For scripts whose forward step does not call `set_batch_domains` (Megatron-LM's
+    pretrain_gpt.py): make `data_iterator` hand each batch's `dataset_id` to the session as
+    the batch is drawn, i.e. just before that micro-batch's forward. A RerunDataIterator keeps
+    its class (Megatron checks it) through a subclass whose __next__ peeks, so replayed
+    batches are labelled too; other iterators get a thin wrapper. Lists (virtual pipeline
+    stages) are handled item by item. Idempotent."""
+    if isinstance(data_iterator, list):
+        return [peek_batch_domains(d, session, seq_length) for d in data_iterator]
+    if data_iterator is None or getattr(data_iterator, "_moe_probe_peek", False):
+        return data_iterator
+
+    def peek(batch):
+        if isinstance(batch, dict):
+            session.set_batch_domains(batch.get("dataset_id"), seq_length)
+        return batch
+
+    try:
+        from megatron.core.rerun_state_machine import RerunDataIterator
+    except Exception:  # pragma: no cover
+        RerunDataIterator = ()
+    if RerunDataIterator and isinstance(data_iterator, RerunDataIterator):
+        base = type(data_iterator)
+        data_iterator.__class__ = type(base.__name__, (base,), {
+            "__next__": lambda self: peek(base.__next__(self)), "_moe_probe_peek": True})
+        return data_iterator
+    return _PeekingIterator(data_iterator, peek)
+
+
+class _PeekingIterator:
+    _moe_probe_peek = True
+
+    def __init__(self, inner, peek):
+        self._inner, self._peek = inner, peek
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._peek(next(self._inner))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def _session_for(model) -> Optional[ProbeSession]:
@@ -314,6 +369,10 @@ def install() -> None:
             kwargs["forward_backward_func"] = _counting_forward_backward(session, kwargs["forward_backward_func"])
         elif where is not None:
             args = args[:where] + (_counting_forward_backward(session, args[where]),) + args[where + 1:]
+        if session.domains and not _state.get("forward_step_sets_domains"):
+            from megatron.training import get_args
+
+            data_iterator = peek_batch_domains(data_iterator, session, get_args().seq_length)
         session.start_step()
         try:
             out = original_step(forward_step_func, data_iterator, model, *args, **kwargs)
