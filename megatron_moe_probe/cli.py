@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recommend": ("megatron_moe_probe.selection.recommend", "which token dispatcher to use, and its flags"),
     "compare": ("megatron_moe_probe.compare", "compare runs: step time, TFLOP/s, memory, loss parity, routing"),
     "analyze": ("megatron_moe_probe.analysis.cli", "analyse a run: EP what-if, bands, placement, all-to-all cost, vs another run"),
+    "import": ("megatron_moe_probe.offline.import_dump",
+               "turn Megatron's own routing dumps (RouterTracer, tokens per expert) into a probe run folder"),
     "render": ("megatron_moe_probe.recipes", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
     "train": ("megatron_moe_probe.megatron.launch", "Megatron-Core pretraining with the probe on, through torchrun (needs GPUs)"),
     "matrix": ("megatron_moe_probe.matrix", "train a grid of runs (recipes on GPU, or the CPU demo), then compare them"),

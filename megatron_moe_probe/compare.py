@@ -93,9 +93,10 @@ def summarize(run: str, identity: dict, intervals: list[tuple[int, dict[int, dic
 
 
 def summarize_run(run: Path, log, warmup: int) -> dict:
+    from megatron_moe_probe.offline import megatron_dumps
     from megatron_moe_probe.writers.local import load_run
 
-    meta, reports = load_run(run)
+    meta, reports = megatron_dumps.load_if_dump(run) or load_run(run)
     identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
                 "data": meta.get("data")}
     return summarize(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log, warmup)
