@@ -97,8 +97,11 @@ def summarize_run(run: Path, log, warmup: int) -> dict:
     from megatron_moe_probe.writers.local import load_run
 
     meta, reports = megatron_dumps.load_if_dump(run) or load_run(run)
-    identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
-                "data": meta.get("data")}
+    from megatron_moe_probe.grouping import group_keys
+
+    keys = group_keys(meta, environ={})
+    identity = {**keys, "dispatcher": run_dispatcher(meta) or keys["dispatcher"],
+                "ep": reports[-1].ep_size if reports else keys["ep"], "data": meta.get("data") or keys["data"]}
     return summarize(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log, warmup)
 
 

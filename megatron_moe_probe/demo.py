@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "degree the same tokens each step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--quiet", action="store_true", help="no per-interval console table")
+    p.add_argument("--writers", default=None,
+                   help="comma list of local, tensorboard, wandb, console (default local, + console unless --quiet)")
 
 
 def corpus_bytes() -> bytes:
@@ -97,7 +99,7 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
 
     writer_rank = world - 1
-    names = ["local"] if settings["quiet"] else ["local", "console"]
+    names = settings.get("writers") or (["local"] if settings["quiet"] else ["local", "console"])
     meta = {"job": "demo", "model": cfg.__dict__ | {"extra": None}, "world_size": world,
             "dispatcher": settings["dispatcher"], "interval": settings["interval"], "data": settings["data"],
             "global_batch": settings["global_batch"]}
@@ -159,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]moe-probe demo[/]: Megatron GPTModel, 2 MoE layers x {args.experts} experts (top-2), "
                   f"{args.ranks} CPU ranks over gloo, EP={args.ranks}, {args.dispatcher} dispatcher, "
                   f"{args.data} data, {args.steps} steps -> {out}")
+    from megatron_moe_probe.writers.base import parse_writer_names
+
     t0 = time.perf_counter()
     settings = dict(out=str(out), steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
                     lr=args.lr, quiet=args.quiet, experts=args.experts, data=args.data,
-                    global_batch=args.global_batch)
+                    global_batch=args.global_batch, writers=parse_writer_names(args.writers) if args.writers else None)
     results = run_ranks(_rank_main, args.ranks, settings)
     wall = time.perf_counter() - t0
     losses = results[0]["losses"]

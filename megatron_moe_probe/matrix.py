@@ -48,6 +48,7 @@ class Cell:
     exit_code: int | None = None
     seconds: float | None = None
     extra: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # set for the cell's process: the wandb group and its keys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell-timeout", type=float, default=None, metavar="S", help="stop a cell after S seconds")
     p.add_argument("--rerun", action="store_true", help="train cells again even when matrix.json says they finished")
     p.add_argument("--dry-run", action="store_true", help="print each cell's command and exit")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log every cell to wandb, all in one group (offline unless $WANDB_MODE says)")
+    p.add_argument("--group", default=None,
+                   help="--wandb: the wandb group (default: the --out folder's name)")
     from megatron_moe_probe.cli import args_after_dashdash
 
     p.parse_args = args_after_dashdash(p.parse_args)
@@ -149,6 +154,24 @@ def _with_repeats(grid: list[tuple[str, dict, list[str], list[str]]], repeat: in
     return cells
 
 
+def _to_wandb(cells: list[Cell], group: str, demo: bool) -> None:
+    """Every cell also writes to wandb, into one group; its grid parameters become the grouping
+    keys (`moe_probe.group` in the run's config, grouping.py). The wandb variables are wandb's own,
+    so Megatron's own wandb run (GPU cells with --wandb-project) is grouped the same way."""
+    from megatron_moe_probe.grouping import GROUP_ENV, KEYS_ENV
+
+    flag = "--writers" if demo else "--moe-probe-writers"
+    for cell in cells:
+        i = cell.command.index(flag) if flag in cell.command else None
+        if i is None:  # the demo's command has no --writers yet
+            cell.command[-2:-2] = [flag, "local,wandb"]
+        else:
+            cell.command[i + 1] = "local,wandb"
+        keys = {k: v for k, v in cell.params.items() if k in ("dispatcher", "ep", "data", "recipe")}
+        cell.env = {GROUP_ENV: group, KEYS_ENV: json.dumps({"group": group, **keys}), "WANDB_NAME": cell.name,
+                    "WANDB_JOB_TYPE": cell.group}
+
+
 # -- running --------------------------------------------------------------------------------------
 
 def _load_manifest(out: Path) -> dict:
@@ -189,7 +212,8 @@ def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None)
     cell_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     with open(cell_dir / cell.log_name, "wb") as log:
-        proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **cell.env} if cell.env else None)
         cell.extra["pid"] = proc.pid  # also the cell's process group and session id
         cell.status = "running"
         try:
@@ -246,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
     out = Path(args.out)
     cells = demo_cells(args, out) if args.demo else recipe_cells(args, out)
+    if args.wandb:
+        _to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
     if args.dry_run:
         import shlex
 
