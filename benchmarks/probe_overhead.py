@@ -403,10 +403,11 @@ def _patch_session_pause():
 
     original = ProbeSession.after_step
 
-    def after_step(self, iteration):
+    def after_step(self, iteration, *args, **kwargs):
         if getattr(self, "paused", False):
+            self.probe.close_step()  # the iteration is over: count nothing until the next one
             return None
-        return original(self, iteration)
+        return original(self, iteration, *args, **kwargs)
 
     ProbeSession.after_step = after_step
 

@@ -12,7 +12,7 @@ import torch
 
 from megatron_moe_probe.probe import Snapshot
 from megatron_moe_probe.summarize import build_report
-from megatron_moe_probe.writers.local import encode_report
+from megatron_moe_probe.record import encode_report
 
 LAYERS, E, K, SEQ, GPUS, EP, MBS, GBS = 48, 128, 8, 4096, 8, 8, 1, 64
 ITERS = 1000

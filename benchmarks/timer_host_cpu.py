@@ -41,7 +41,7 @@ def rank_job(rank, world, steps, backward):
     sys.path.insert(0, str(Path(__file__).parent))
     import probe_overhead
 
-    from megatron_moe_probe.megatron import cpu_cluster as cc
+    from megatron_moe_probe.cpu import cluster as cc
     from megatron_moe_probe.megatron import timing
     from megatron_moe_probe.megatron.hooks import attach
 
@@ -82,7 +82,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--forward-only", action="store_true", help="time the forward calls only (--moe-probe-timing forward)")
     opts = p.parse_args()
-    from megatron_moe_probe.megatron.cpu_cluster import run_ranks
+    from megatron_moe_probe.cpu.cluster import run_ranks
 
     for k, v in run_ranks(rank_job, 2, opts.steps, not opts.forward_only)[0].items():
         print(f"{k:>26}: {v:.1f}" if isinstance(v, float) else f"{k:>26}: {v}")

@@ -1,8 +1,8 @@
 """`moe-probe`: one entry point, one subcommand per concern.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and
-`run(args) -> int`; the table below maps names to modules so that only the
-chosen subcommand's imports are paid for.
+Each subcommand is a module of `megatron_moe_probe.commands` exposing
+`add_arguments(parser)` and `run(args) -> int`; the table below maps names to modules
+so that only the chosen subcommand's imports are paid for.
 """
 
 from __future__ import annotations
@@ -15,34 +15,17 @@ from megatron_moe_probe.errors import UsageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("megatron_moe_probe.demo", "tiny MoE training on CPU (EP=2, 4 or 8 over gloo) with the probe on"),
-    "recommend": ("megatron_moe_probe.selection.recommend", "which token dispatcher to use, and its flags"),
-    "compare": ("megatron_moe_probe.compare", "compare runs: step time, TFLOP/s, memory, loss parity, routing"),
-    "analyze": ("megatron_moe_probe.analysis.cli", "analyse a run: EP what-if, bands, placement, all-to-all cost, vs another run"),
-    "import": ("megatron_moe_probe.offline.import_dump",
+    "demo": ("megatron_moe_probe.commands.demo", "tiny MoE training on CPU (EP=2, 4 or 8 over gloo) with the probe on"),
+    "recommend": ("megatron_moe_probe.commands.recommend", "which token dispatcher to use, and its flags"),
+    "compare": ("megatron_moe_probe.commands.compare", "compare runs: step time, TFLOP/s, memory, loss parity, routing"),
+    "analyze": ("megatron_moe_probe.commands.analyze", "analyse a run: EP what-if, bands, placement, all-to-all cost, vs another run"),
+    "import": ("megatron_moe_probe.commands.import_dump",
                "turn Megatron's own routing dumps (RouterTracer, tokens per expert) into a probe run folder"),
-    "render": ("megatron_moe_probe.recipes", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
-    "train": ("megatron_moe_probe.megatron.launch", "Megatron-Core pretraining with the probe on, through torchrun (needs GPUs)"),
-    "matrix": ("megatron_moe_probe.matrix", "train a grid of runs (recipes on GPU, or the CPU demo), then compare them"),
-    "build-dataset": ("megatron_moe_probe.megatron.data", "build a Megatron indexed dataset (.bin/.idx) from local text files"),
+    "render": ("megatron_moe_probe.commands.render", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
+    "train": ("megatron_moe_probe.commands.train", "Megatron-Core pretraining with the probe on, through torchrun (needs GPUs)"),
+    "matrix": ("megatron_moe_probe.commands.matrix", "train a grid of runs (recipes on GPU, or the CPU demo), then compare them"),
+    "build-dataset": ("megatron_moe_probe.commands.build_dataset", "build a Megatron indexed dataset (.bin/.idx) from local text files"),
 }
-
-
-def args_after_dashdash(parse):
-    """Wrap a parser's parse_args: what follows `--` goes to `.megatron_args` untouched (argparse
-    cannot take a positional recipe *and* free-form args after `--`)."""
-
-    def parse_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        tail: list[str] = []
-        if "--" in args:
-            i = args.index("--")
-            args, tail = args[:i], args[i + 1:]
-        ns = parse(args, namespace)
-        ns.megatron_args = tail
-        return ns
-
-    return parse_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,14 @@ hot path is an asynchronous device kernel (a sum and an add per MoE layer call);
 the only host synchronization is the one device->host copy inside `snapshot()`,
 after a single all-reduce of one flat int64 buffer.
 
+CUDA graphs: router calls add into one fixed `[L, E]` buffer for the iteration in
+progress, whatever the iteration, and `step()` (eager, host side) moves it into
+the per-step history. So the hot-path kernels can be captured into a CUDA graph
+and replayed with no Python: every replay adds to the same buffer, and the step
+it belongs to is chosen outside the graph. Buffers are never reallocated, and a
+probe whose kernels were captured keeps them alive for the life of the process
+(a replay after detach would otherwise write into freed memory).
+
 Counting rules (see docs/metrics.md):
 - counts are token->expert assignments made by the router, after capacity dropping
   (padding added by `--moe-pad-expert-input-to-capacity` is not counted);
@@ -97,12 +105,17 @@ class RoutingProbe:
         self._history = torch.zeros(history_steps + 1, L, E, dtype=torch.long, device=self.device)
         self._folded = torch.zeros(L, E, dtype=torch.long, device=self.device)
         self._dropped = torch.zeros(L, E, dtype=torch.long, device=self.device) if track_capacity else None
+        # The iteration in progress (fixed addresses: graph-capturable), moved into history by step().
+        self._current = torch.zeros(L, E, dtype=torch.long, device=self.device)
+        self._current_rows = list(self._current.unbind(0))  # one view per layer, made once
+        self._current_dropped = torch.zeros(L, E, dtype=torch.long, device=self.device) if track_capacity else None
         self._present = torch.zeros(L, dtype=torch.long, device=self.device)  # which layers this rank owns
         self._slot = 0
         self._steps = 0
         self._folds = 0
         self.step_number = 0
         self.failed = False  # set by the adapter when a hook failed; counts may be incomplete
+        self.captured = False  # set by the adapter when hook kernels went into a CUDA graph
         self.timers: list["PhaseTimer"] = []
         # A dense class index per destination EP rank, used once per snapshot.
         self._locality_onehot = torch.nn.functional.one_hot(
@@ -116,18 +129,30 @@ class RoutingProbe:
 
     def record_routing(self, slot: int, routing_map: torch.Tensor) -> None:
         """Add one router call's [tokens, experts] boolean map to layer `slot`."""
-        self._history[self._slot, slot].add_(routing_map.sum(0))
+        self._current_rows[slot].add_(routing_map.sum(0))
 
     def record_counts(self, slot: int, kept_per_expert: torch.Tensor, dropped_per_expert: torch.Tensor) -> None:
         """Add counts computed elsewhere (capacity path: tokens kept and dropped per expert)."""
-        self._history[self._slot, slot].add_(kept_per_expert)
-        if self._dropped is not None:
-            self._dropped[slot].add_(dropped_per_expert)
+        self._current_rows[slot].add_(kept_per_expert)
+        if self._current_dropped is not None:
+            self._current_dropped[slot].add_(dropped_per_expert)
+
+    def discard_current(self) -> None:
+        """Forget the iteration in progress (Megatron re-ran its forward/backward: count the last run)."""
+        self._current.zero_()
+        if self._current_dropped is not None:
+            self._current_dropped.zero_()
 
     # ---- per iteration (host only) -----------------------------------------------------------
 
     def step(self) -> None:
-        """Close the current iteration. No host sync; a fold (device add) only when history is full."""
+        """Close the current iteration. No host sync: two device copies, and a fold (device add)
+        only when history is full."""
+        self._history[self._slot].copy_(self._current)
+        self._current.zero_()
+        if self._current_dropped is not None:
+            self._dropped.add_(self._current_dropped)
+            self._current_dropped.zero_()
         self._steps += 1
         self.step_number += 1
         self._slot += 1

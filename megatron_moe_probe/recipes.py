@@ -10,36 +10,44 @@ dotted field and, for enumerations, the allowed values.
     render(recipe, include_probe=True)      both
     bridge_overrides(recipe, availability)  Megatron-Bridge `key=value` overrides
 
-`moe-probe render NAME[:VARIANT]` prints them; with `--out FILE` it writes only after
-everything validated (a temp file renamed into place: nothing half-written).
+`moe-probe render NAME[:VARIANT]` prints them (commands/render.py). The recipe files are
+package data (megatron_moe_probe/resources/recipes/), so a wheel install has them.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import shlex
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.yaml_io import read_yaml
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
-from megatron_moe_probe.selection.card import REPO_ROOT, default_card, format_validation_error
+from megatron_moe_probe.selection.card import Card, default_card, format_validation_error
 from megatron_moe_probe.selection.recommend import Query, Recommendation, flag_set, recommend
+from megatron_moe_probe.settings import probe_flags
+from megatron_moe_probe.writers.base import WRITER_NAMES
+from megatron_moe_probe.yaml_io import package_data
 
-RECIPES_DIR = REPO_ROOT / "recipes"
+RECIPES_DIR = package_data("recipes")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _card(info: ValidationInfo) -> Card:
+    """The skill card a recipe is validated against, handed in by `load_recipe_data` (validation
+    context), so that checking a field reads nothing from disk."""
+    card = (info.context or {}).get("card")
+    if card is None:
+        raise ValueError("validate recipes with load_recipe_data (it supplies the skill card)")
+    return card
 
 
 class Moe(_Strict):
@@ -125,8 +133,8 @@ class Model(_Strict):
 
     @field_validator("family")
     @classmethod
-    def _family(cls, v: str) -> str:
-        fams = [f.id for f in default_card().model_families]
+    def _family(cls, v: str, info: ValidationInfo) -> str:
+        fams = [f.id for f in _card(info).model_families]
         if v not in fams:
             raise ValueError(f"unknown model family {v!r}; allowed: {', '.join(fams)}")
         return v
@@ -178,8 +186,8 @@ class Dispatcher(_Strict):
 
     @field_validator("hardware")
     @classmethod
-    def _hw(cls, v: str) -> str:
-        card = default_card()
+    def _hw(cls, v: str, info: ValidationInfo) -> str:
+        card = _card(info)
         try:
             return card.resolve_hardware(v)
         except UsageError:
@@ -200,7 +208,7 @@ class Dispatcher(_Strict):
         return self.backend if self.type == "flex" else self.type
 
 
-Writer = Literal["local", "tensorboard", "wandb", "console"]
+Writer = Literal[WRITER_NAMES]
 
 
 class Probe(_Strict):
@@ -318,7 +326,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def recipe_paths() -> list[Path]:
     if not RECIPES_DIR.is_dir():
-        raise UsageError(f"recipes directory not found at {RECIPES_DIR} (the package expects the repository layout)")
+        raise UsageError(f"recipes directory not found at {RECIPES_DIR} (package data missing from this install)")
     return sorted(RECIPES_DIR.glob("*.yaml"))
 
 
@@ -346,7 +354,7 @@ def load_recipe_data(data: Any, what: str, variant: str | None = None) -> Recipe
     elif "variant" in raw:
         raise UsageError(f"{what}: field 'variant' is set by NAME:VARIANT, not in the file")
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={"card": default_card()})
     except ValidationError as exc:
         label = f"{what}" + (f" (variant {variant})" if variant else "")
         raise UsageError(format_validation_error(exc, f"recipe {label}", SCHEMA_MODELS)) from None
@@ -454,131 +462,113 @@ def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> R
 
 # -- rendering -------------------------------------------------------------------------
 
-def _flag(args: list[str], name: str, value: Any) -> None:
-    if value is None or value is False:
-        return
-    if value is True:
-        args.append(name)
-    else:
-        args += [name, str(value)]
+def _flags(obj: Any, table: tuple[tuple[str, str], ...]) -> list[str]:
+    """Megatron args for `obj`'s fields, in table order: (field, flag) rows; a field that is None
+    or False is left out, True gives the flag alone, anything else `flag value`."""
+    out: list[str] = []
+    for field_name, flag in table:
+        value = getattr(obj, field_name)
+        if value is None or value is False:
+            continue
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+# Recipe field -> Megatron-LM flag, one table per run of plain fields; the code between them
+# handles the flags that depend on more than one field.
+MODEL_SHAPE = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
+               ("ffn_hidden_size", "--ffn-hidden-size"), ("num_attention_heads", "--num-attention-heads"))
+MODEL_POSITION = (("kv_channels", "--kv-channels"), ("max_position_embeddings", "--max-position-embeddings"),
+                  ("position_embedding", "--position-embedding-type"))
+YARN = (("scaling_factor", "--rotary-scaling-factor"),
+        ("original_max_position_embeddings", "--yarn-original-max-position-embeddings"),
+        ("mscale", "--mscale"), ("mscale_all_dim", "--mscale-all-dim"),
+        ("beta_fast", "--yarn-beta-fast"), ("beta_slow", "--yarn-beta-slow"))
+MODEL_NORM = (("normalization", "--normalization"), ("norm_epsilon", "--norm-epsilon"),
+              ("qk_layernorm", "--qk-layernorm"), ("swiglu", "--swiglu"),
+              ("untie_embeddings", "--untie-embeddings-and-output-weights"))
+MLA = (("q_lora_rank", "--q-lora-rank"), ("kv_lora_rank", "--kv-lora-rank"), ("qk_head_dim", "--qk-head-dim"),
+       ("qk_pos_emb_head_dim", "--qk-pos-emb-head-dim"), ("v_head_dim", "--v-head-dim"))
+LINEAR_ATTENTION = (("variant", "--experimental-attention-variant"), ("freq", "--linear-attention-freq"),
+                    ("key_head_dim", "--linear-key-head-dim"), ("value_head_dim", "--linear-value-head-dim"),
+                    ("num_key_heads", "--linear-num-key-heads"), ("num_value_heads", "--linear-num-value-heads"),
+                    ("conv_kernel_dim", "--linear-conv-kernel-dim"))
+MOE_SIZE = (("num_experts", "--num-experts"), ("router_topk", "--moe-router-topk"),
+            ("ffn_hidden_size", "--moe-ffn-hidden-size"))
+MOE_ROUTER = (("shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size"),
+              ("shared_expert_gate", "--moe-shared-expert-gate"),
+              ("router_score_function", "--moe-router-score-function"),
+              ("router_pre_softmax", "--moe-router-pre-softmax"),
+              ("router_topk_scaling_factor", "--moe-router-topk-scaling-factor"),
+              ("router_num_groups", "--moe-router-num-groups"), ("router_group_topk", "--moe-router-group-topk"),
+              ("router_enable_expert_bias", "--moe-router-enable-expert-bias"),
+              ("router_dtype", "--moe-router-dtype"), ("load_balancing_type", "--moe-router-load-balancing-type"),
+              ("aux_loss_coeff", "--moe-aux-loss-coeff"), ("grouped_gemm", "--moe-grouped-gemm"))
+PARALLELISM = (("tp", "--tensor-model-parallel-size"), ("pp", "--pipeline-model-parallel-size"),
+               ("cp", "--context-parallel-size"), ("ep", "--expert-model-parallel-size"),
+               ("etp", "--expert-tensor-parallel-size"), ("sequence_parallel", "--sequence-parallel"),
+               ("layers_per_virtual_stage", "--num-layers-per-virtual-pipeline-stage"),
+               ("pipeline_layout", "--pipeline-model-parallel-layout"),
+               ("account_for_embedding_in_pipeline_split", "--account-for-embedding-in-pipeline-split"),
+               ("account_for_loss_in_pipeline_split", "--account-for-loss-in-pipeline-split"))
+TRAINING_BATCH = (("seq_length", "--seq-length"), ("micro_batch_size", "--micro-batch-size"),
+                  ("global_batch_size", "--global-batch-size"), ("train_iters", "--train-iters"),
+                  ("lr", "--lr"), ("min_lr", "--min-lr"))
+TRAINING_LOOP = (("log_interval", "--log-interval"), ("eval_iters", "--eval-iters"),
+                 ("eval_interval", "--eval-interval"), ("transformer_impl", "--transformer-impl"))
+TOKENIZER = (("type", "--tokenizer-type"), ("model", "--tokenizer-model"))
 
 
 def model_args(r: Recipe) -> list[str]:
-    m, a = r.model, []
-    _flag(a, "--num-layers", m.num_layers)
-    _flag(a, "--hidden-size", m.hidden_size)
-    _flag(a, "--ffn-hidden-size", m.ffn_hidden_size)
-    _flag(a, "--num-attention-heads", m.num_attention_heads)
+    m = r.model
+    a = _flags(m, MODEL_SHAPE)
     if m.num_query_groups is not None and m.num_query_groups != m.num_attention_heads:
-        a.append("--group-query-attention")
-        _flag(a, "--num-query-groups", m.num_query_groups)
-    _flag(a, "--kv-channels", m.kv_channels)
-    _flag(a, "--max-position-embeddings", m.max_position_embeddings)
-    _flag(a, "--position-embedding-type", m.position_embedding)
+        a += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
+    a += _flags(m, MODEL_POSITION)
     if m.position_embedding == "rope":
-        _flag(a, "--rotary-base", m.rotary_base)
+        a += ["--rotary-base", str(m.rotary_base)]
         if m.rotary_percent != 1.0:
-            _flag(a, "--rotary-percent", m.rotary_percent)
-    _flag(a, "--rope-type", m.rope_type)
+            a += ["--rotary-percent", str(m.rotary_percent)]
+    a += _flags(m, (("rope_type", "--rope-type"),))
     if m.yarn is not None:
-        y = m.yarn
-        _flag(a, "--rotary-scaling-factor", y.scaling_factor)
-        _flag(a, "--yarn-original-max-position-embeddings", y.original_max_position_embeddings)
-        _flag(a, "--mscale", y.mscale)
-        _flag(a, "--mscale-all-dim", y.mscale_all_dim)
-        _flag(a, "--yarn-beta-fast", y.beta_fast)
-        _flag(a, "--yarn-beta-slow", y.beta_slow)
-    _flag(a, "--normalization", m.normalization)
-    _flag(a, "--norm-epsilon", m.norm_epsilon)
-    _flag(a, "--qk-layernorm", m.qk_layernorm)
-    _flag(a, "--swiglu", m.swiglu)
-    _flag(a, "--untie-embeddings-and-output-weights", m.untie_embeddings)
+        a += _flags(m.yarn, YARN)
+    a += _flags(m, MODEL_NORM)
     if not m.add_bias_linear:
         a.append("--disable-bias-linear")
-    _flag(a, "--attention-output-gate", m.attention_output_gate)
+    a += _flags(m, (("attention_output_gate", "--attention-output-gate"),))
     if m.mla is not None:
-        a.append("--multi-latent-attention")
-        _flag(a, "--q-lora-rank", m.mla.q_lora_rank)
-        _flag(a, "--kv-lora-rank", m.mla.kv_lora_rank)
-        _flag(a, "--qk-head-dim", m.mla.qk_head_dim)
-        _flag(a, "--qk-pos-emb-head-dim", m.mla.qk_pos_emb_head_dim)
-        _flag(a, "--v-head-dim", m.mla.v_head_dim)
+        a += ["--multi-latent-attention", *_flags(m.mla, MLA)]
     if m.linear_attention is not None:
-        la = m.linear_attention
-        _flag(a, "--experimental-attention-variant", la.variant)
-        _flag(a, "--linear-attention-freq", la.freq)
-        _flag(a, "--linear-key-head-dim", la.key_head_dim)
-        _flag(a, "--linear-value-head-dim", la.value_head_dim)
-        _flag(a, "--linear-num-key-heads", la.num_key_heads)
-        _flag(a, "--linear-num-value-heads", la.num_value_heads)
-        _flag(a, "--linear-conv-kernel-dim", la.conv_kernel_dim)
-    _flag(a, "--mtp-num-layers", m.mtp_num_layers)
-    e = m.moe
-    _flag(a, "--num-experts", e.num_experts)
-    _flag(a, "--moe-router-topk", e.router_topk)
-    _flag(a, "--moe-ffn-hidden-size", e.ffn_hidden_size)
-    if e.layer_freq != 1:
-        _flag(a, "--moe-layer-freq", e.layer_freq)
-    _flag(a, "--moe-shared-expert-intermediate-size", e.shared_expert_intermediate_size)
-    _flag(a, "--moe-shared-expert-gate", e.shared_expert_gate)
-    _flag(a, "--moe-router-score-function", e.router_score_function)
-    _flag(a, "--moe-router-pre-softmax", e.router_pre_softmax)
-    _flag(a, "--moe-router-topk-scaling-factor", e.router_topk_scaling_factor)
-    _flag(a, "--moe-router-num-groups", e.router_num_groups)
-    _flag(a, "--moe-router-group-topk", e.router_group_topk)
-    _flag(a, "--moe-router-enable-expert-bias", e.router_enable_expert_bias)
-    _flag(a, "--moe-router-dtype", e.router_dtype)
-    _flag(a, "--moe-router-load-balancing-type", e.load_balancing_type)
-    _flag(a, "--moe-aux-loss-coeff", e.aux_loss_coeff)
-    _flag(a, "--moe-grouped-gemm", e.grouped_gemm)
-    a += m.extra_args
-    return a
+        a += _flags(m.linear_attention, LINEAR_ATTENTION)
+    a += _flags(m, (("mtp_num_layers", "--mtp-num-layers"),))
+    a += _flags(m.moe, MOE_SIZE)
+    if m.moe.layer_freq != 1:
+        a += ["--moe-layer-freq", str(m.moe.layer_freq)]
+    a += _flags(m.moe, MOE_ROUTER)
+    return a + m.extra_args
 
 
 def parallel_args(r: Recipe) -> list[str]:
-    p, a = r.parallelism, []
-    _flag(a, "--tensor-model-parallel-size", p.tp)
-    _flag(a, "--pipeline-model-parallel-size", p.pp)
-    _flag(a, "--context-parallel-size", p.cp)
-    _flag(a, "--expert-model-parallel-size", p.ep)
-    _flag(a, "--expert-tensor-parallel-size", p.etp)
-    _flag(a, "--sequence-parallel", p.sequence_parallel)
-    _flag(a, "--num-layers-per-virtual-pipeline-stage", p.layers_per_virtual_stage)
-    _flag(a, "--pipeline-model-parallel-layout", p.pipeline_layout)
-    _flag(a, "--account-for-embedding-in-pipeline-split", p.account_for_embedding_in_pipeline_split)
-    _flag(a, "--account-for-loss-in-pipeline-split", p.account_for_loss_in_pipeline_split)
-    return a
+    return _flags(r.parallelism, PARALLELISM)
 
 
 def training_args(r: Recipe) -> list[str]:
-    t, a = r.training, []
-    _flag(a, "--seq-length", t.seq_length)
-    _flag(a, "--micro-batch-size", t.micro_batch_size)
-    _flag(a, "--global-batch-size", t.global_batch_size)
-    _flag(a, "--train-iters", t.train_iters)
-    _flag(a, "--lr", t.lr)
-    _flag(a, "--min-lr", t.min_lr)
+    t = r.training
+    a = _flags(t, TRAINING_BATCH)
     if t.precision != "fp32":
         a.append(f"--{t.precision}")
-    _flag(a, "--log-interval", t.log_interval)
-    _flag(a, "--eval-iters", t.eval_iters)
-    _flag(a, "--eval-interval", t.eval_interval)
-    _flag(a, "--transformer-impl", t.transformer_impl)
-    a += t.extra_args
-    return a
+    return a + _flags(t, TRAINING_LOOP) + t.extra_args
 
 
 def data_args(r: Recipe) -> list[str]:
-    d, a = r.data, []
+    d = r.data
     if d.source == "mock":
-        a.append("--mock-data")
+        a = ["--mock-data"]
     else:
-        a += ["--data-path", *d.paths]
-        _flag(a, "--split", d.split)
-    _flag(a, "--tokenizer-type", d.tokenizer.type)
-    _flag(a, "--tokenizer-model", d.tokenizer.model)
+        a = ["--data-path", *d.paths] + (["--split", d.split] if d.split is not None else [])
+    a += _flags(d.tokenizer, TOKENIZER)
     if d.tokenizer.type == "NullTokenizer":
-        _flag(a, "--vocab-size", r.model.vocab_size)
+        a += ["--vocab-size", str(r.model.vocab_size)]
     return a
 
 
@@ -587,13 +577,13 @@ def probe_args(r: Recipe) -> list[str]:
     pr = r.probe
     if not pr.enabled:
         return []
-    a = ["--moe-probe"]
-    _flag(a, "--moe-probe-interval", pr.interval or r.training.log_interval)
-    _flag(a, "--moe-probe-dir", pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}")
-    _flag(a, "--moe-probe-writers", ",".join(pr.writers))
-    _flag(a, "--moe-probe-timing", pr.timing)
-    _flag(a, "--moe-probe-gpus-per-node", pr.gpus_per_node or r.parallelism.gpus_per_node)
-    return a
+    return probe_flags(
+        interval=pr.interval or r.training.log_interval,
+        out_dir=pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}",
+        writers=pr.writers,
+        timing=pr.timing,
+        gpus_per_node=pr.gpus_per_node or r.parallelism.gpus_per_node,
+    )
 
 
 def render(r: Recipe, availability: Availability | None = None, include_probe: bool = False,
@@ -678,48 +668,3 @@ def render_document(r: Recipe, availability: Availability, fmt: str, include_pro
                                    pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}", pr.timing,
                                    pr.gpus_per_node or r.parallelism.gpus_per_node)
     return "\n".join(out) + "\n"
-
-
-# -- CLI ---------------------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="NAME, NAME:VARIANT or a path to a recipe .yaml")
-    p.add_argument("--list", action="store_true", help="list recipes and their variants")
-    p.add_argument("--format", choices=["megatron", "bridge", "both", "json"], default="megatron")
-    p.add_argument("--no-probe", action="store_true", help="leave out the probe's --moe-probe* flags")
-    p.add_argument("--assume-installed", default=None, metavar="LIST",
-                   help="resolve `auto` for another container: comma list (deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
-    p.add_argument("--out", default=None, help="write here instead of stdout (written only when everything validated)")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    if not path.parent.is_dir():
-        raise UsageError(f"--out: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.list:
-        for spec in all_recipe_specs():
-            print(spec)
-        return 0
-    if not args.recipe:
-        raise UsageError("name a recipe (moe-probe render --list shows them)")
-    card = default_card()
-    availability = probe(card) if args.assume_installed is None else assumed(card, parse_backend_list(args.assume_installed))
-    r = load_recipe(args.recipe)
-    text = render_document(r, availability, args.format, include_probe=not args.no_probe)
-    if args.out:
-        write_atomic(Path(args.out), text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0

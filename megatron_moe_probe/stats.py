@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_moe_probe import record
+
 LOCAL, INTRA_NODE, INTER_NODE = 0, 1, 2
 LOCALITY_NAMES = ("local", "intra_node", "inter_node")
 
@@ -117,31 +119,35 @@ def locality_classes(source_node: int, destination_nodes: list[int], source_inde
     return torch.tensor(out, dtype=torch.long)
 
 
+def locality_matrix(nodes: list[int]) -> torch.Tensor:
+    """[src, dst] locality class (LOCAL, INTRA_NODE, INTER_NODE) of every pair of an EP group
+    whose rank i runs on node `nodes[i]`."""
+    node = torch.tensor(nodes)
+    classes = torch.full((len(nodes), len(nodes)), INTER_NODE, dtype=torch.long)
+    classes[node[:, None] == node[None, :]] = INTRA_NODE
+    classes[torch.eye(len(nodes), dtype=torch.bool)] = LOCAL
+    return classes
+
+
 def locality_split(rank_matrix: torch.Tensor, nodes: list[int]) -> torch.Tensor:
     """Split a [..., EP, EP] matrix of one EP group into [..., 3] local / intra-node / inter-node volume."""
     ep = rank_matrix.shape[-1]
     if len(nodes) != ep:
         raise ValueError(f"need the node of each of the {ep} EP ranks, got {len(nodes)}")
-    node = torch.tensor(nodes)
-    same_node = node[:, None] == node[None, :]
-    diag = torch.eye(ep, dtype=torch.bool)
-    classes = torch.full((ep, ep), INTER_NODE, dtype=torch.long)
-    classes[same_node] = INTRA_NODE
-    classes[diag] = LOCAL
-    onehot = torch.nn.functional.one_hot(classes, 3).to(rank_matrix.dtype)  # [src, dst, 3]
+    onehot = torch.nn.functional.one_hot(locality_matrix(nodes), 3).to(rank_matrix.dtype)  # [src, dst, 3]
     return (rank_matrix.unsqueeze(-1) * onehot).sum((-3, -2))
 
 
-# Statistics reported per layer: name -> (function of counts, which way is worse).
-# "worse" is +1 when larger is more imbalanced, -1 when smaller is.
-EXPERT_STATS = {
-    "max_over_mean": (max_over_mean, +1),
-    "min_over_mean": (min_over_mean, -1),
-    "gini": (gini, +1),
-    "cv": (coefficient_of_variation, +1),
-    "entropy": (normalized_entropy, -1),
-    "dead_experts": (dead_count, +1),
-}
+# Statistics reported per layer: name (record.EXPERT_STATS, in its order) -> (function of
+# counts, which way is worse). "worse" is +1 when larger is more imbalanced, -1 when smaller is.
+EXPERT_STATS = dict(zip(record.EXPERT_STATS, (
+    (max_over_mean, +1),
+    (min_over_mean, -1),
+    (gini, +1),
+    (coefficient_of_variation, +1),
+    (normalized_entropy, -1),
+    (dead_count, +1),
+), strict=True))
 
 
 def expert_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:

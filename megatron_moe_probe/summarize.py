@@ -6,10 +6,7 @@ import math
 
 from megatron_moe_probe import stats
 from megatron_moe_probe.probe import Snapshot
-from megatron_moe_probe.report import IntervalReport
-
-# Per-step statistics summarized over the interval as <name>_step_mean / <name>_step_worst.
-STEP_SUMMARIZED = ("max_over_mean", "gini", "cv", "entropy", "dead_experts", "rank_max_over_mean")
+from megatron_moe_probe.record import LOCALITY_STATS, STEP_SUMMARIZED, IntervalReport, step_summary_name, timing_stat
 
 
 def _f(x) -> float:
@@ -29,23 +26,24 @@ def build_report(snap: Snapshot) -> IntervalReport:
         row: dict[str, float] = {name: _f(values[i]) for name, values in interval.items()}
         row["receiver_skew"] = _f(receiver[i])
         row["sender_skew"] = _f(sender[i])
-        local, intra, inter = (int(v) for v in snap.locality[i])
-        total = local + intra + inter
-        row.update(local_tokens=local, intra_node_tokens=intra, inter_node_tokens=inter,
-                   inter_node_fraction=inter / total if total else math.nan)
+        volumes = [int(v) for v in snap.locality[i]]  # stats.LOCAL, INTRA_NODE, INTER_NODE
+        row.update(zip(LOCALITY_STATS, volumes))
+        total, inter = sum(volumes), volumes[stats.INTER_NODE]
+        row["inter_node_fraction"] = inter / total if total else math.nan
         for name in STEP_SUMMARIZED:
+            mean_key, worst_key = step_summary_name(name, "step_mean"), step_summary_name(name, "step_worst")
             if per_step is None:
-                row[f"{name}_step_mean"] = row[f"{name}_step_worst"] = math.nan
+                row[mean_key] = row[worst_key] = math.nan
                 continue
             summary = stats.summarize_steps(per_step[name][:, i], stats.worse_direction(name))
-            row[f"{name}_step_mean"], row[f"{name}_step_worst"] = summary.mean, summary.worst
+            row[mean_key], row[worst_key] = summary.mean, summary.worst
         if snap.dropped_per_expert is not None:
             dropped = int(snap.dropped_per_expert[i].sum())
             demand = dropped + int(counts[i].sum())
             row["dropped_tokens"] = dropped
             row["dropped_fraction"] = dropped / demand if demand else math.nan
         for phase, values in snap.timing_ms.items():
-            row[f"{phase}_ms"] = _f(values[i])
+            row[timing_stat(phase)] = _f(values[i])
         rows.append(row)
 
     all_meta = dict(snap.meta)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 import megatron_jobs as jobs
-from megatron_moe_probe.megatron import cpu_cluster as cc
+from megatron_moe_probe.cpu import cluster as cc
 
 
 def _moe_layers(model):

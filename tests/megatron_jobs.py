@@ -12,7 +12,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from megatron_moe_probe.megatron import cpu_cluster as cc
+from megatron_moe_probe.cpu import cluster as cc
 from megatron_moe_probe.megatron.hooks import attach
 
 

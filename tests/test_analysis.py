@@ -14,11 +14,12 @@ import torch
 
 from megatron_moe_probe import cli
 from megatron_moe_probe.analysis import a2a_cost, bands, placement, whatif
-from megatron_moe_probe.analysis import cli as analysis_cli
+from megatron_moe_probe.analysis import run_analysis
+from megatron_moe_probe.analysis.run_analysis import AnalysisOptions
 from megatron_moe_probe.analysis.mock_vs_real import compare_runs
 from megatron_moe_probe.analysis.runs import load_window, parse_steps
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 from megatron_moe_probe.writers.local import LocalWriter
 
 DATA = Path(__file__).parent / "data"
@@ -277,13 +278,13 @@ def test_settings_from_meta(tmp_path):
     assert demo.setting("context_parallel") is None
     bare = load_window(write_run(tmp_path / "c", counts))
     assert bare.setting("bytes_per_element") is None
-    nothing_given = argparse.Namespace(hidden_size=None, bytes_per_element=None, tokens_per_rank=None,
-                                       gpus_per_node=None)
-    assert analysis_cli.cost_settings(bare, nothing_given)["missing"] == ["hidden_size", "tokens_per_rank"]
+    nothing_given = AnalysisOptions(hidden_size=None, bytes_per_element=None, tokens_per_rank=None,
+                                    gpus_per_node=None)
+    assert run_analysis.cost_settings(bare, nothing_given)["missing"] == ["hidden_size", "tokens_per_rank"]
     parallel = load_window(write_run(tmp_path / "d", counts, meta={"args": {
         "micro_batch_size": 2, "seq_length": 64, "tensor_model_parallel_size": 2, "context_parallel_size": 4}}))
     # each rank of a TP x CP group dispatches its share of the micro-batch: 2 * 64 / (2 * 4)
-    assert analysis_cli.cost_settings(parallel, nothing_given)["tokens_per_rank"]["value"] == 16
+    assert run_analysis.cost_settings(parallel, nothing_given)["tokens_per_rank"]["value"] == 16
     assert parse_steps("10:") == (10, None) and parse_steps(":30") == (None, 30)
     with pytest.raises(UsageError, match="START:END"):
         parse_steps("10")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import bridge_jobs
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
-from megatron_moe_probe.writers.local import load_run
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.record import load_run
 
 BRIDGE = "megatron-bridge==0.6.2"
 CFG = TinyMoEConfig()

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_moe_probe.compare import compare
-from megatron_moe_probe.megatron.train_log import read_train_log
+from megatron_moe_probe.offline.compare import compare
+from megatron_moe_probe.offline.train_log import read_train_log
 
 DATA = Path(__file__).parent / "data"
 RUNS = [DATA / "h200_run_mock", DATA / "h200_run_text"]

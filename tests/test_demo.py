@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig
 
 
 def _demo(*argv):

@@ -22,6 +22,7 @@ import torch
 
 from megatron_moe_probe import recipes
 from megatron_moe_probe.cli import main as cli_main
+from megatron_moe_probe import torchrun
 from megatron_moe_probe.megatron import data, launch, quirks
 
 TINY_ARGS = (
@@ -205,8 +206,8 @@ def test_tiny_gpu_recipe_through_megatron_parser_and_config_container(monkeypatc
     from megatron.training import global_vars
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    ns = argparse.Namespace(recipe="tiny-gpu", variant=None, no_probe=False, assume_installed="none", megatron_args=[])
-    margv, env, world, _ = launch.megatron_args_for(ns)
+    plan = torchrun.plan_training("tiny-gpu", assume_installed="none")
+    margv, env, world = plan.megatron_args, plan.env, plan.recipe_world
     assert world == 2
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
@@ -258,7 +259,7 @@ def _rank_job(rank, world, prefix):
     from megatron.core.tensor_parallel import random as mc_random
     from megatron.training import global_vars
 
-    from megatron_moe_probe.megatron import cpu_compat
+    from megatron_moe_probe.cpu import compat as cpu_compat
 
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     margs.get_device_arch_version = lambda: 9
@@ -296,7 +297,7 @@ def _rank_job(rank, world, prefix):
 
 
 def test_model_datasets_and_forward_step_on_cpu(tmp_path):
-    from megatron_moe_probe.megatron.cpu_cluster import run_ranks
+    from megatron_moe_probe.cpu.cluster import run_ranks
 
     # ~9 KB of text -> a few dozen 64-token samples: more than the 6 the provider is asked for.
     src = tmp_path / "text"

@@ -9,7 +9,7 @@ import numpy
 import pytest
 import torch
 
-from megatron_moe_probe.matrix import repeat_spread
+from megatron_moe_probe.offline.matrix import repeat_spread
 
 
 def _matrix(*argv, timeout=900):
@@ -117,7 +117,7 @@ def test_repeat_spread_by_hand():
 
 
 def test_demo_mock_data_is_megatrons_mock_stream():
-    from megatron_moe_probe.demo import training_tokens
+    from megatron_moe_probe.cpu.demo import training_tokens
 
     tokens = training_tokens("mock", 256)
     # MockGPTLowLevelDataset: document i has length L_i (seeded numpy draw), tokens 1..L_i-1 then EOD.

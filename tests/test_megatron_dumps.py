@@ -9,9 +9,9 @@ import torch
 
 import dump_jobs
 from megatron_moe_probe import cli, stats
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
 from megatron_moe_probe.offline import megatron_dumps
-from megatron_moe_probe.writers.local import load_run
+from megatron_moe_probe.record import load_run
 
 CFG = TinyMoEConfig()
 WORLD, STEPS, MICRO, EVAL_EVERY, TPE_EVERY = 2, 6, 2, 2, 2

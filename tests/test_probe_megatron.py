@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import megatron_jobs as jobs
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
 from megatron_moe_probe.summarize import build_report
 
 BASE = TinyMoEConfig()
@@ -170,11 +170,12 @@ def test_no_host_sync_or_collective_on_non_logging_steps():
     results = run_ranks(jobs.host_sync_audit, 2, BASE)
     for res in results:
         layers = res["moe_layers"]
-        # The probe adds exactly one reduction and one in-place add per MoE layer, nothing else:
-        # no .item()/.cpu()/nonzero (host syncs), no extra collective.
+        # The probe adds exactly one reduction and one in-place add per MoE layer, and per
+        # iteration one copy of the iteration's counts into the history and one zeroing of them
+        # (step()), nothing else: no .item()/.cpu()/nonzero (host syncs), no extra collective.
         added = res["added_ops"]
         kernels = {op: n for op, n in added.items() if op not in jobs.VIEW_OPS}
-        assert kernels == {"sum": layers, "add_": layers}, added
+        assert kernels == {"sum": layers, "add_": layers, "copy_": 1, "zero_": 1}, added
         assert not res["removed_ops"]
         assert not (set(res["added_ops"]) & jobs.SYNC_OPS)
         assert res["collectives_on"] == res["collectives_off"]

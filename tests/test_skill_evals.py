@@ -9,7 +9,8 @@ import pytest
 
 from megatron_moe_probe.selection.availability import assumed
 from megatron_moe_probe.selection.card import SKILL_DIR, default_card
-from megatron_moe_probe.selection.recommend import add_arguments, build_query, recommend
+from megatron_moe_probe.commands.recommend import add_arguments, build_query
+from megatron_moe_probe.selection.recommend import recommend
 
 CARD = default_card()
 EVALS = json.loads((SKILL_DIR / "evals" / "evals.json").read_text())

@@ -8,8 +8,8 @@ import pytest
 
 import megatron_jobs as jobs
 from megatron_moe_probe.megatron import flags
-from megatron_moe_probe.megatron.cpu_cluster import TinyMoEConfig, run_ranks
-from megatron_moe_probe.writers.local import load_run
+from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
+from megatron_moe_probe.record import load_run
 
 BASE = TinyMoEConfig()
 
@@ -54,16 +54,16 @@ def test_flags_through_megatrons_parser():
     args = _parse(["--moe-probe", "--moe-probe-interval", "5", "--moe-probe-writers", "local,console",
                    "--moe-probe-timing", "--log-interval", "7", "--moe-probe-gpus-per-node", "4"])
     settings = flags.resolve(args)
-    assert settings["interval"] == 5 and settings["writers"] == ["local", "console"]
-    assert settings["timing"] == "all" and settings["gpus_per_node"] == 4 and settings["history"] == 5
-    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "forward"]))["timing"] == "forward"
-    assert flags.resolve(_parse(["--moe-probe"]))["timing"] is None
+    assert settings.interval == 5 and settings.writers == ["local", "console"]
+    assert settings.timing == "all" and settings.gpus_per_node == 4 and settings.history == 5
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "forward"])).timing == "forward"
+    assert flags.resolve(_parse(["--moe-probe"])).timing is None
     # Defaults: interval from --log-interval; tensorboard/wandb added when Megatron has them.
     args = _parse(["--moe-probe", "--log-interval", "7", "--tensorboard-dir", "/tmp/tb", "--save", "/tmp/ck"])
     settings = flags.resolve(args)
-    assert settings["interval"] == 7
-    assert settings["writers"] == ["local", "tensorboard"]
-    assert settings["out_dir"] == "/tmp/ck/moe_probe"
+    assert settings.interval == 7
+    assert settings.writers == ["local", "tensorboard"]
+    assert settings.out_dir == "/tmp/ck/moe_probe"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,7 +141,7 @@ def test_recipe_timing_forward_renders_a_flag_megatron_parses():
     r = r.model_copy(update={"probe": r.probe.model_copy(update={"timing": "forward"})})
     rendered = recipes.probe_args(r)
     assert rendered[rendered.index("--moe-probe-timing") + 1] == "forward"
-    assert flags.resolve(_parse(rendered))["timing"] == "forward"
+    assert flags.resolve(_parse(rendered)).timing == "forward"
     with pytest.raises(Exception, match="timing"):
         recipes.load_recipe_data({**recipes.load_recipe("tiny-gpu").model_dump(exclude={"variant"}),
                                   "probe": {"timing": "backward"}}, "test")

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from megatron_moe_probe.compare import compare
+from megatron_moe_probe.offline.compare import compare
 from megatron_moe_probe.grouping import KEYS, SUMMARY_STATS
-from megatron_moe_probe.wandb_source import read_offline
-from megatron_moe_probe.writers.local import load_run
+from megatron_moe_probe.offline.wandb_source import read_offline
+from megatron_moe_probe.record import load_run
 from megatron_moe_probe.writers.wandb import SUMMARY_TABLE
 from test_writers import finished_wandb_records
 

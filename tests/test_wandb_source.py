@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from test_writers import finished_wandb_records
 
-from megatron_moe_probe.compare import compare
+from megatron_moe_probe.offline.compare import compare
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 from megatron_moe_probe.writers.base import make_writers
 
 ROW_STATS = ("max_over_mean", "max_over_mean_step_worst", "gini", "rank_max_over_mean", "receiver_skew",

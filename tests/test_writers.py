@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
+from megatron_moe_probe import record
 from megatron_moe_probe.writers import base, local
 from megatron_moe_probe.writers.base import WriterSet, make_writers
-from megatron_moe_probe.writers.local import CorruptRunError, LocalWriter, load_layer_table, load_run
+from megatron_moe_probe.record import CorruptRunError, load_layer_table, load_run
+from megatron_moe_probe.writers.local import LocalWriter
 
 LOGGER = "megatron_moe_probe"
 
@@ -182,7 +184,7 @@ def test_without_pyarrow_still_writes_jsonl(tmp_path, monkeypatch):
     def no_pyarrow():
         raise ImportError("No module named 'pyarrow'")
 
-    monkeypatch.setattr(local, "_import_pyarrow", no_pyarrow)
+    monkeypatch.setattr(record, "_import_pyarrow", no_pyarrow)
     reports = [make_report(s) for s in (1, 2)]
     with make_writers(["local"], tmp_path, {"x": 1}) as writers:
         for r in reports:
@@ -225,7 +227,8 @@ def test_killed_mid_write_leaves_a_readable_run(tmp_path, caplog):
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_writers import make_report
-        from megatron_moe_probe.writers.local import LocalWriter, encode_report
+        from megatron_moe_probe.record import encode_report
+        from megatron_moe_probe.writers.local import LocalWriter
         w = LocalWriter({str(tmp_path)!r})
         for i in range({n}):
             w.write(make_report(10 * (i + 1)))
@@ -639,6 +642,6 @@ def test_heatmap_values_and_png():
 
 def test_json_safe_conversion():
     np = pytest.importorskip("numpy")
-    data = local.to_json_safe({"a": np.int64(3), "b": np.float32(0.5), "c": (1, float("nan")), 4: np.array(2.0)})
+    data = record.to_json_safe({"a": np.int64(3), "b": np.float32(0.5), "c": (1, float("nan")), 4: np.array(2.0)})
     assert data == {"a": 3, "b": 0.5, "c": [1, None], "4": 2.0}
     assert json.dumps(data, allow_nan=False)

@@ -55,11 +55,9 @@ class Fabric:
 def all_to_all_seconds(matrix_bytes: torch.Tensor, fabric: Fabric) -> torch.Tensor:
     """[..., src, dst] bytes of one all-to-all -> [...] modelled seconds."""
     ep = matrix_bytes.shape[-1]
-    node = torch.tensor(stats.node_of_ranks(list(range(ep)), fabric.gpus_per_node))
-    same_node = node[:, None] == node[None, :]
-    other_gpu = ~torch.eye(ep, dtype=torch.bool)
+    classes = stats.locality_matrix(stats.node_of_ranks(list(range(ep)), fabric.gpus_per_node))
     m = matrix_bytes.to(torch.float64)
-    intra, inter = m * (same_node & other_gpu), m * ~same_node
+    intra, inter = m * (classes == stats.INTRA_NODE), m * (classes == stats.INTER_NODE)
     b_intra, b_inter = fabric.intra_node_gb_s * 1e9, fabric.inter_node_gb_s * 1e9
     per_rank = torch.stack([intra.sum(-2) / b_intra, intra.sum(-1) / b_intra,
                             inter.sum(-2) / b_inter, inter.sum(-1) / b_inter], -1).amax(-1)

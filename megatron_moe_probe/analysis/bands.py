@@ -8,10 +8,10 @@ see docs/analysis.md) and can be overridden (`--band-thresholds`).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.values import nan_median
 
 LOW, HIGH, MIXED = "low", "high", "mixed"
 
@@ -36,11 +36,6 @@ class BandThresholds:
         if not mom > 1 or not 0 < gini < 1:
             raise UsageError(f"band thresholds need max/mean > 1 and 0 < Gini < 1, got {mom}, {gini}")
         return cls(mom, gini)
-
-
-def nan_median(values: list[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return statistics.median(values) if values else math.nan
 
 
 def classify(max_over_mean: float, gini: float, thresholds: BandThresholds = BandThresholds()) -> str:

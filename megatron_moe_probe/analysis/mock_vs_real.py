@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from megatron_moe_probe.analysis.bands import nan_median
+from megatron_moe_probe.values import nan_median
 from megatron_moe_probe.analysis.runs import IMBALANCE_STATS, RunWindow, layer_imbalance
 from megatron_moe_probe.errors import UsageError
 

@@ -12,8 +12,8 @@ import torch
 
 from megatron_moe_probe import stats
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.report import IntervalReport
-from megatron_moe_probe.writers.local import load_run
+from megatron_moe_probe.record import IntervalReport
+from megatron_moe_probe.record import load_run
 
 
 @dataclass(frozen=True)

@@ -127,17 +127,12 @@ class MoEProbeCallback:
                         self.interval, ",".join(writers.names) or "none", out_dir)
 
     def _step_start(self) -> None:
-        start = getattr(self.session, "start_step", None)  # the counting contract's gate (ProbeSession)
-        if start is not None:
-            start()
+        self.session.start_step()  # counting opens: only this iteration's forward/backward counts
 
     def _step_end(self, context: Any) -> None:
         iteration = int(context.state.train_state.step) + 1  # Bridge increments the step after this event
         skipped = bool(getattr(context, "skipped_iter", False))
-        if hasattr(self.session, "start_step"):
-            self.session.after_step(iteration, skipped=skipped)
-        else:
-            self.session.after_step(iteration)
+        self.session.after_step(iteration, skipped=skipped)
         self.last_iteration = iteration
 
     def _default_dir(self, state: Any) -> str:

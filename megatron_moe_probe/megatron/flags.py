@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
+from megatron_moe_probe.settings import DEFAULT_HEATMAP_EVERY, FLAGS, TIMING_MODES, ProbeSettings, dest
 from megatron_moe_probe.writers.base import WRITER_NAMES
 
 GROUP_TITLE = "moe-probe"
@@ -46,22 +47,22 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if any(getattr(g, "title", None) == GROUP_TITLE for g in parser._action_groups):
         return parser  # already added (e.g. chained twice)
     g = parser.add_argument_group(title=GROUP_TITLE, description="MoE routing / dispatch telemetry")
-    g.add_argument("--moe-probe", action="store_true", help="record per-layer routing statistics")
-    g.add_argument("--moe-probe-interval", type=_positive_int, default=None,
+    g.add_argument(FLAGS["enabled"], action="store_true", help="record per-layer routing statistics")
+    g.add_argument(FLAGS["interval"], type=_positive_int, default=None,
                    help="iterations per report (default: --log-interval)")
-    g.add_argument("--moe-probe-dir", default=None,
+    g.add_argument(FLAGS["out_dir"], default=None,
                    help="run folder for the local store (default: <--save>/moe_probe, else ./moe_probe_runs/<time>)")
-    g.add_argument("--moe-probe-writers", type=_writer_list, default=None,
+    g.add_argument(FLAGS["writers"], type=_writer_list, default=None,
                    help=f"comma-separated writers from {', '.join(WRITER_NAMES)} (default: local, plus "
                         "tensorboard when --tensorboard-dir is set and wandb when --wandb-project is set)")
-    g.add_argument("--moe-probe-timing", nargs="?", const="all", default=None, choices=("all", "forward"),
+    g.add_argument(FLAGS["timing"], nargs="?", const=TIMING_MODES[0], default=None, choices=TIMING_MODES,
                    help="time token_dispatch / token_combine per layer with CUDA events: forward and backward "
                         "(the flag alone, or `all`), or `forward` only, at about half the host cost")
-    g.add_argument("--moe-probe-gpus-per-node", type=_positive_int, default=None,
+    g.add_argument(FLAGS["gpus_per_node"], type=_positive_int, default=None,
                    help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
-    g.add_argument("--moe-probe-history", type=_positive_int, default=None,
+    g.add_argument(FLAGS["history"], type=_positive_int, default=None,
                    help="per-step counts kept per interval for step statistics (default: the interval, max 1000)")
-    g.add_argument("--moe-probe-heatmap-every", type=_positive_int, default=10,
+    g.add_argument(FLAGS["heatmap_every"], type=_positive_int, default=DEFAULT_HEATMAP_EVERY,
                    help="reports between per-expert heatmaps/histograms in TensorBoard and wandb")
     return parser
 
@@ -80,41 +81,43 @@ def chain_args(*providers: Optional[Callable]) -> Callable:
 
 def flags_without_probe(args) -> list[str]:
     """Probe flags given while --moe-probe is off: they would silently do nothing."""
-    if getattr(args, "moe_probe", False):
+    if getattr(args, dest("enabled"), False):
         return []
-    defaults = {"moe_probe_heatmap_every": 10}
+    defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY}
+    prefix = dest("enabled") + "_"
     return [
         "--" + name.replace("_", "-")
         for name, value in sorted(vars(args).items())
-        if name.startswith("moe_probe_") and value not in (None, False, defaults.get(name))
+        if name.startswith(prefix) and value not in (None, False, defaults.get(name))
     ]
 
 
-def resolve(args) -> dict:
+def resolve(args) -> ProbeSettings:
     """Effective probe settings from parsed Megatron args, with defaults filled in."""
     import os
     import time
 
-    interval = args.moe_probe_interval or getattr(args, "log_interval", None) or 100
-    writers = args.moe_probe_writers
+    given = {field: getattr(args, dest(field)) for field in FLAGS if field != "enabled"}
+    interval = given["interval"] or getattr(args, "log_interval", None) or 100
+    writers = given["writers"]
     if writers is None:
         writers = ["local"]
         if getattr(args, "tensorboard_dir", None):
             writers.append("tensorboard")
         if getattr(args, "wandb_project", None):
             writers.append("wandb")
-    out_dir = args.moe_probe_dir
+    out_dir = given["out_dir"]
     if out_dir is None:
         save = getattr(args, "save", None)
         out_dir = os.path.join(save, "moe_probe") if save else os.path.join(
             "moe_probe_runs", time.strftime("%Y%m%d-%H%M%S"))
-    history = min(args.moe_probe_history or interval, 1000)
-    return dict(
+    history = min(given["history"] or interval, 1000)
+    return ProbeSettings(
         interval=interval,
         writers=writers,
         out_dir=out_dir,
-        timing=args.moe_probe_timing,
-        gpus_per_node=args.moe_probe_gpus_per_node,
+        timing=given["timing"],
+        gpus_per_node=given["gpus_per_node"],
         history=history,
-        heatmap_every=args.moe_probe_heatmap_every,
+        heatmap_every=given["heatmap_every"],
     )

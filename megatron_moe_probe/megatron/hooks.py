@@ -9,6 +9,14 @@ Everything that touches Megatron internals for counting lives here:
 - layer numbers (global, 1-based, from `router.layer_number`; MTP layers after the
   decoder's layers), EP rank/size and node locality from the dispatcher's groups.
 
+What is counted (the counting contract, docs/metrics.md): router calls of training
+forward passes. A training loop that tells the probe where its iterations are
+(`open_step` / `close_step`, as ProbeSession does around Megatron's `train_step`)
+gets nothing else: no evaluation, no CUDA-graph warm-up pass, no call between
+iterations. Activation recomputation is never counted. Under CUDA-graph capture the
+hook's kernels are captured (they land in a fixed buffer, see probe.py), so each
+replay counts the pass it runs and the capture itself counts nothing.
+
 Hooks never raise into training: any error disables the probe with one warning.
 """
 
@@ -43,6 +51,50 @@ def _in_recomputation() -> bool:
     engine's backward pass, and that is what this checks.
     """
     return torch._C._current_graph_task_id() != -1
+
+
+def _stream_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _graph_warmup_flag():
+    """Megatron's own "warming up for graph capture" flag (local CUDA graphs run eager warm-up
+    passes inside train_step before they capture); a function that says False without it."""
+    try:
+        from megatron.core.transformer.cuda_graphs import is_graph_warmup
+
+        return is_graph_warmup
+    except Exception:  # pragma: no cover - older/newer Megatron without the flag
+        return lambda: False
+
+
+# Probes whose hook kernels were captured into a CUDA graph: a graph holds raw pointers to
+# their buffers and may replay after detach, so the buffers must outlive the probe.
+_CAPTURED_PROBES: list = []
+
+
+def graphs_already_captured(model_chunks=()) -> Optional[str]:
+    """The CUDA-graph setting whose graphs exist already, if any: a probe attached now would
+    never see the router calls those graphs replay, so it must not start."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    for chunk in chunks:  # TE graphs hang off each TransformerLayer (`layer.cuda_graphs`)
+        if any(getattr(m, "cuda_graphs", None) for m in chunk.modules()):
+            return "--cuda-graph-impl transformer_engine (graphs captured before the probe attached)"
+    try:
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+        if FullCudaGraphWrapper.cuda_graph.get("training") is not None:
+            return "--cuda-graph-impl full_iteration (graph captured before the probe attached)"
+    except Exception:
+        pass
+    try:
+        from megatron.core.transformer.cuda_graphs import _CudagraphGlobalRecord
+
+        if getattr(_CudagraphGlobalRecord, "cudagraph_created", False):
+            return "--cuda-graph-impl local (graphs captured before the probe attached)"
+    except Exception:
+        pass
+    return None
 
 
 def find_moe_layers(model_chunks) -> list:
@@ -143,6 +195,14 @@ class MegatronProbe:
         self.probe = RoutingProbe(self.layout, device=device, history_steps=history_steps,
                                   track_capacity=self.capacity, reduce_group=reduce_group)
         self.enabled = True
+        # Outside a gated loop every training forward counts; a loop that calls open_step /
+        # close_step (ProbeSession) counts only inside its iterations.
+        self.gated = False
+        self.in_step = True
+        self._graph_warmup = _graph_warmup_flag()
+        already = graphs_already_captured(model_chunks)
+        if already:
+            raise ProbeSetupError(f"CUDA graphs exist already ({already}); attach the probe before capture")
         self.dispatcher_types = sorted({type(m.token_dispatcher).__name__ for m in self.moe_layers})
         unknown = [d for d in self.dispatcher_types if d not in KNOWN_DISPATCHERS]
         if unknown:
@@ -191,7 +251,26 @@ class MegatronProbe:
     # ---- hooks -----------------------------------------------------------------------------
 
     def _should_count(self, router) -> bool:
-        return self.enabled and router.training and not _in_recomputation()
+        if not (self.enabled and router.training) or _in_recomputation():
+            return False
+        if _stream_capturing():
+            # Captured kernels run once per replay, and each replay is a training pass;
+            # the capture itself executes nothing.
+            self.probe.captured = True
+            return True
+        return self.in_step and not self._graph_warmup()
+
+    def _should_time(self, binding) -> bool:
+        # CUDA events cannot be timed inside a graph capture: only eager dispatcher calls are timed.
+        return self._should_count(binding.router) and not _stream_capturing()
+
+    def open_step(self) -> None:
+        """A training iteration starts: count its router calls (and nothing else, once gated)."""
+        self.gated = True
+        self.in_step = True
+
+    def close_step(self) -> None:
+        self.in_step = not self.gated
 
     def enable_timing(self, max_events: int = 65536, backward: bool = True) -> None:
         """Time token_dispatch / token_combine of every layer (CUDA events, read at flush);
@@ -199,8 +278,8 @@ class MegatronProbe:
         from megatron_moe_probe.megatron.timing import DispatcherTimer
 
         known = [b for b in self.bindings if type(b.dispatcher).__name__ in KNOWN_DISPATCHERS]
-        timer = DispatcherTimer(known, self.layout.num_layer_slots,
-                                lambda b: self._should_count(b.router), max_events=max_events, backward=backward)
+        timer = DispatcherTimer(known, self.layout.num_layer_slots, self._should_time,
+                                max_events=max_events, backward=backward)
         self.probe.timers.append(timer)
 
     def _make_pre_hook(self, binding: _LayerBinding):
@@ -273,6 +352,8 @@ class MegatronProbe:
         self._remove_hooks()
         self.disable_timing()
         self.enabled = False
+        if self.probe.captured and self.probe not in _CAPTURED_PROBES:
+            _CAPTURED_PROBES.append(self.probe)
 
 
 class _DroppingWrapper:

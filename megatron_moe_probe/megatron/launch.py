@@ -1,4 +1,4 @@
-"""`moe-probe train`: Megatron-Core 0.19 GPT/MoE pretraining with the probe on.
+"""The pretraining worker of `moe-probe train`: Megatron-Core 0.19 GPT/MoE pretraining with the probe on.
 
 The megatron-core wheel has `megatron.training.pretrain` but not Megatron-LM's
 pretrain_gpt.py; this module supplies what that script would:
@@ -6,15 +6,9 @@ pretrain_gpt.py; this module supplies what that script would:
     model_provider(pre_process, post_process, vp_stage=None, config=None, pg_collection=None)
     forward_step(data_iterator, model, return_schedule_plan=False) -> (output, partial(loss_func, loss_mask))
     train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None)
-    main(argv)   the in-process entry each torchrun worker runs
+    main(argv)   the in-process entry each torchrun worker runs (`python -m megatron_moe_probe.megatron.launch`)
 
-and `run(args)`, the CLI: `moe-probe train RECIPE [--variant V] [--nproc-per-node N]
-[--nnodes M --node-rank R --master-addr HOST] [--dry-run] [-- extra Megatron args]`, or
-`moe-probe train -- RAW MEGATRON ARGS`. It always starts the workers through torchrun
-(`python -m torch.distributed.run`), also for one GPU: Megatron reads RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and torchrun sets them all, picks a free port
-(`--standalone`) and tears every worker down when one fails. When those variables are
-already set (the command runs inside torchrun/srun), it trains in-process instead.
+The torchrun command that starts these workers is built by torchrun.py.
 
 Calling convention of megatron-core 0.19 (training/training.py):
 - `pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func,
@@ -32,46 +26,19 @@ Calling convention of megatron-core 0.19 (training/training.py):
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import os
-import shlex
-import subprocess
 import sys
 from functools import partial
 from typing import Optional
 
 import torch
 
-from megatron_moe_probe.cli import args_after_dashdash
-from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.megatron import flags, quirks, training
 
 NO_CUDA = (
     "megatron.training.pretrain() needs CUDA GPUs, and this machine has none "
     "(torch.cuda.is_available() is False). `moe-probe train --dry-run ...` prints the command to run on "
     "a GPU machine; for the probe on a real Megatron MoE model on CPU, run `moe-probe demo`."
 )
-
-LAUNCH_MODULE = "megatron_moe_probe.megatron.launch"
-
-
-# -- the probe's own Megatron pieces (written alongside this module) ---------------------------
-
-def _probe_integration():
-    """megatron_moe_probe.megatron.training (install) and .flags (add_probe_args), or a clear error."""
-    try:
-        training = importlib.import_module("megatron_moe_probe.megatron.training")
-        flags = importlib.import_module("megatron_moe_probe.megatron.flags")
-    except ImportError as exc:
-        raise RuntimeError(
-            f"moe-probe train needs megatron_moe_probe.megatron.training and .flags (the probe's "
-            f"train_step hooks and --moe-probe* flags), which failed to import: {exc}"
-        ) from exc
-    for module, name in ((training, "install"), (flags, "add_probe_args")):
-        if not callable(getattr(module, name, None)):
-            raise RuntimeError(f"{module.__name__}.{name} is missing: this checkout of megatron_moe_probe is incomplete")
-    return training, flags
-
 
 # -- model ----------------------------------------------------------------------------------------
 
@@ -337,7 +304,6 @@ def parse_megatron_args(argv: list[str]):
     global args (and tokenizer, timers); raises SystemExit on a bad flag, as Megatron does."""
     from megatron.training.arguments import parse_and_validate_args
 
-    _, flags = _probe_integration()
     saved = sys.argv
     sys.argv = [sys.argv[0] if sys.argv else "moe-probe-train", *argv]  # Megatron parses sys.argv
     try:
@@ -360,10 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    from megatron_moe_probe.megatron import quirks
-
     quirks.apply()
-    training, _ = _probe_integration()
     training.install()  # wraps train_step / train / save_checkpoint_and_time before pretrain looks them up
     args = parse_megatron_args(argv)
     cfg = pretrain_cfg_container_from_args(args)
@@ -375,140 +338,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         model_provider=model_provider,
     )
     return 0
-
-
-# -- the CLI: torchrun command --------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.usage = ("moe-probe train [RECIPE[:VARIANT]] [--variant V] [--nproc-per-node N] [--nnodes M --node-rank R "
-               "--master-addr HOST [--master-port P]] [--dry-run] [-- MEGATRON ARGS...]")
-    p.description = ("Megatron-Core pretraining (GPT/MoE) with the probe on, through torchrun. Give a recipe "
-                     "(rendered with its --moe-probe* flags; Megatron args after -- are appended and win), or "
-                     "only raw Megatron args after --.")
-    p.add_argument("recipe", nargs="?", help="recipe NAME, NAME:VARIANT or a path to a recipe .yaml")
-    p.add_argument("--variant", default=None, help="recipe variant (same as NAME:VARIANT)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="GPUs (processes) per node; default: the recipe's gpus_per_node, else 1")
-    p.add_argument("--nnodes", type=int, default=None, help="nodes; default: the recipe's nodes, else 1")
-    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (multi-node)")
-    p.add_argument("--master-addr", default=None, help="node 0's address (multi-node)")
-    p.add_argument("--master-port", type=int, default=29500, help="node 0's port (multi-node; default 29500)")
-    p.add_argument("--no-probe", action="store_true", help="leave out the recipe's --moe-probe* flags")
-    p.add_argument("--assume-installed", default=None, metavar="LIST",
-                   help="resolve the recipe's `auto` dispatcher for another machine: comma list "
-                        "(deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
-    p.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
-                   help="train the recipe on these indexed datasets (.bin/.idx prefixes, e.g. from "
-                        "`moe-probe build-dataset`) instead of its own data, all of it for training")
-    p.add_argument("--dry-run", action="store_true", help="print the exact command (and environment) and exit")
-    p.parse_args = args_after_dashdash(p.parse_args)
-
-
-def megatron_args_for(args: argparse.Namespace) -> tuple[list[str], dict[str, str], Optional[int], list[str]]:
-    """(Megatron args, extra environment, recipe world size or None, notes) for the CLI args."""
-    from megatron_moe_probe import recipes
-
-    extra = list(getattr(args, "megatron_args", []) or [])
-    data_path = getattr(args, "data_path", None)
-    if args.recipe is None:
-        if args.variant or data_path:
-            raise UsageError("--variant and --data-path need a recipe (with raw args, give Megatron's own --data-path)")
-        if not extra:
-            raise UsageError("name a recipe (moe-probe render --list) or give Megatron args after --")
-        return extra, {}, None, []
-    spec = args.recipe
-    if args.variant:
-        if ":" in spec and not os.path.exists(spec):
-            raise UsageError(f"give the variant once: {spec!r} and --variant {args.variant!r}")
-        spec = f"{spec}:{args.variant}"
-    r = recipes.load_recipe(spec)
-    if data_path:
-        from megatron_moe_probe.megatron.data import require_dataset
-
-        for prefix in data_path:
-            require_dataset(prefix, "--data-path", "build one with `moe-probe build-dataset`")
-        data = r.data.model_copy(update={"source": "path", "paths": list(data_path), "split": "100,0,0"})
-        r = r.model_copy(update={"data": data})
-    availability = None
-    if getattr(args, "assume_installed", None) is not None:
-        from megatron_moe_probe.selection.availability import assumed, parse_backend_list
-        from megatron_moe_probe.selection.card import default_card
-
-        availability = assumed(default_card(), parse_backend_list(args.assume_installed))
-    resolved = recipes.resolve_dispatcher(r, availability)
-    margs = recipes.render(r, resolved=resolved)
-    if not args.no_probe:
-        margs += recipes.probe_args(r)
-    return margs + extra, dict(resolved.env), r.parallelism.world_size, list(resolved.notes)
-
-
-def build_command(args: argparse.Namespace, megatron_args: list[str]) -> tuple[list[str], int, int]:
-    from megatron_moe_probe import recipes
-
-    nnodes = args.nnodes
-    nproc = args.nproc_per_node
-    if args.recipe is not None and (nnodes is None or nproc is None):
-        spec = f"{args.recipe}:{args.variant}" if args.variant else args.recipe
-        par = recipes.load_recipe(spec).parallelism
-        nnodes = par.nodes if nnodes is None else nnodes
-        nproc = par.gpus_per_node if nproc is None else nproc
-    nnodes, nproc = nnodes or 1, nproc or 1
-    if nproc < 1 or nnodes < 1:
-        raise UsageError("--nproc-per-node and --nnodes must be at least 1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    if nnodes == 1:
-        torchrun += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc)]
-    else:
-        if args.master_addr is None or args.node_rank is None:
-            raise UsageError(f"--nnodes {nnodes} needs --master-addr (node 0's address) and --node-rank (this node's rank)")
-        if not 0 <= args.node_rank < nnodes:
-            raise UsageError(f"--node-rank {args.node_rank} is outside 0..{nnodes - 1}")
-        torchrun += ["--nnodes", str(nnodes), "--node-rank", str(args.node_rank), "--master-addr", args.master_addr,
-                     "--master-port", str(args.master_port), "--nproc-per-node", str(nproc)]
-    return torchrun + ["-m", LAUNCH_MODULE, *megatron_args], nproc, nnodes
-
-
-def _inside_launcher() -> bool:
-    """RANK/WORLD_SIZE/MASTER_ADDR already set: torchrun, srun wrappers or mpirun started us."""
-    return all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
-def format_command(cmd: list[str], env: dict[str, str]) -> str:
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines.append(" ".join(shlex.quote(c) for c in cmd))
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    megatron_args, env, recipe_world, notes = megatron_args_for(args)
-    cmd, nproc, nnodes = build_command(args, megatron_args)
-    world = nproc * nnodes
-    if recipe_world is not None and world != recipe_world:
-        notes.append(f"warning: the recipe is laid out for {recipe_world} GPU(s), launching {world}; "
-                     "Megatron re-derives data parallelism and checks the batch sizes")
-    if args.dry_run:
-        print(f"# torchrun (python -m torch.distributed.run): {nproc} process(es) per node x {nnodes} node(s)")
-        for n in notes:
-            print(f"# {n}")
-        print(format_command(cmd, env))
-        return 0
-    for n in notes:
-        print(f"moe-probe train: {n}", file=sys.stderr)
-    if not torch.cuda.is_available():
-        raise UsageError(NO_CUDA)
-    if _inside_launcher():
-        os.environ.update(env)
-        return main(megatron_args)
-    have = torch.cuda.device_count()
-    if nproc > have:
-        raise UsageError(f"--nproc-per-node {nproc} but this node has {have} GPU(s)")
-    child_env = {**os.environ, **env}
-    print(f"moe-probe train: {format_command(cmd, env)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=child_env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): let it clean up
-        return proc.wait()
 
 
 if __name__ == "__main__":

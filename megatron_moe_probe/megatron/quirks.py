@@ -13,7 +13,8 @@ import importlib.util
 import logging
 import os
 import warnings
-from importlib import metadata
+
+from megatron_moe_probe.versions import installed_version, version_tuple
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -21,15 +22,8 @@ _APPLIED: list[str] = []
 
 
 def megatron_version() -> tuple[int, ...]:
-    try:
-        text = metadata.version("megatron-core")
-    except metadata.PackageNotFoundError:
-        return ()
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    text = installed_version("megatron-core")
+    return () if text is None else version_tuple(text)[:3]
 
 
 # -- quirk 1: compile_helpers -------------------------------------------------------------------

@@ -21,10 +21,9 @@ from typing import Callable
 import torch
 
 from megatron_moe_probe.probe import PhaseTimer
+from megatron_moe_probe.record import PHASES
 
 log = logging.getLogger("megatron_moe_probe")
-
-PHASES = ("dispatch_fwd", "combine_fwd", "dispatch_bwd", "combine_bwd")
 
 
 class _EventPool:

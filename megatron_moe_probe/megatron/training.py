@@ -7,10 +7,21 @@ Add the probe to a Megatron-LM pretraining script in two lines:
     ... parse_and_validate_args(extra_args_provider=moe_probe.chain_args(my_provider))
 
 `install()` wraps three functions of megatron.training.training (checked on 0.19):
-`train_step` (step the probe; flush every interval), `save_checkpoint_and_time`
-(flush the partial interval before a checkpoint) and `train` (flush what is left
-when training ends, close the writers). With `--moe-probe` absent it does nothing.
-Nothing the probe does raises into training.
+`train` (start the probe before the first iteration and before any CUDA-graph
+capture; flush what is left when training ends, close the writers), `train_step`
+(count the router calls of that iteration only; step the probe; flush every
+interval) and `save_checkpoint_and_time` (flush the partial interval before a
+checkpoint). With `--moe-probe` absent it does nothing. Nothing the probe does
+raises into training.
+
+The counting contract: every iteration `train_step` runs is counted once, in the
+record that reports it (`steps` = iterations whose tokens the record holds), from
+the first iteration and after a resume. Evaluation, CUDA-graph warm-up and capture
+passes and activation recomputation are not counted. An iteration whose update
+Megatron skipped (loss scale, NaN) routed its tokens: it is counted and listed in
+the record's `meta.skipped_iterations`; if Megatron re-ran an iteration's
+forward/backward (its rerun state machine), only the last run is counted and the
+record's `meta.reruns` says how many were dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from typing import Any, Optional
 
 
 from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, flags_without_probe, resolve  # noqa: F401
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -54,12 +65,31 @@ class ProbeSession:
         self.reports_written = 0
         self.last_report: Optional[IntervalReport] = None
         self.alive = True
+        self._skipped: list[int] = []  # iterations of this interval whose update was skipped
+        self._reruns = 0  # forward/backward runs of this interval that were re-run and not counted
 
-    def after_step(self, iteration: int) -> Optional[IntervalReport]:
-        """Call once per training iteration, with the number of completed iterations."""
+    def start_step(self) -> None:
+        """Call before one training iteration's forward/backward: from now on only router calls
+        between start_step and after_step count (no evaluation, warm-up or capture passes)."""
+        if self.alive:
+            self.probe.open_step()
+
+    def restart_step(self) -> None:
+        """The iteration's forward/backward runs again (Megatron's rerun state machine): drop the
+        counts of the run before, so the iteration is counted once."""
+        if self.alive:
+            self.probe.probe.discard_current()
+            self._reruns += 1
+
+    def after_step(self, iteration: int, skipped: bool = False) -> Optional[IntervalReport]:
+        """Call once per training iteration, with the number of completed iterations; `skipped`
+        when Megatron did not apply the update (the tokens were still routed, and are counted)."""
         if not self.alive:
             return None
         try:
+            self.probe.close_step()
+            if skipped:
+                self._skipped.append(iteration)
             self.probe.step()
         except Exception as exc:  # never raise into training
             self._die(exc)
@@ -79,6 +109,8 @@ class ProbeSession:
         except Exception as exc:
             self._die(exc)
             return None
+        snap.meta.update(skipped_iterations=self._skipped, reruns=self._reruns)
+        self._skipped, self._reruns = [], 0
         try:
             report = build_report(snap)  # local: on failure skip this report but stay in step with
         except Exception as exc:  # the other ranks, which will all-reduce again next interval
@@ -146,18 +178,18 @@ def _make_session(model) -> Optional[ProbeSession]:
         tb = get_tensorboard_writer()
     except Exception:
         tb = None
-    session = ProbeSession(model, interval=settings["interval"], gpus_per_node=settings["gpus_per_node"],
-                           history=settings["history"], timing=settings["timing"])
+    session = ProbeSession(model, interval=settings.interval, gpus_per_node=settings.gpus_per_node,
+                           history=settings.history, timing=settings.timing)
     meta = collect_run_meta(args, dispatcher=getattr(args, "moe_token_dispatcher_type", None),
-                            extra={"probe": settings, "world_size": world})
+                            extra={"probe": settings.to_dict(), "world_size": world})
     session.writers = make_writers(
-        settings["writers"], settings["out_dir"], meta, rank=0 if rank == writer_rank else 1,
-        heatmap_every=settings["heatmap_every"], tensorboard_writer=tb,
+        settings.writers, settings.out_dir, meta, rank=0 if rank == writer_rank else 1,
+        heatmap_every=settings.heatmap_every, tensorboard_writer=tb,
         wandb_project=getattr(args, "wandb_project", None),
     )
     if rank == writer_rank:
-        log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings["interval"],
-                    ",".join(session.writers.names) or "none", settings["out_dir"])
+        log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings.interval,
+                    ",".join(session.writers.names) or "none", settings.out_dir)
     return session
 
 
@@ -174,8 +206,36 @@ def _session_for(model) -> Optional[ProbeSession]:
     return _state["session"]
 
 
+def _forward_backward_position(args: tuple, kwargs: dict):
+    """Where train_step's `forward_backward_func` is: ('kw', name) or ('pos', index into the
+    arguments after model), or None (0.19: train_step(fsf, it, model, optimizer, scheduler,
+    config, forward_backward_func, ...))."""
+    if "forward_backward_func" in kwargs:
+        return "kw"
+    return 3 if len(args) > 3 else None
+
+
+def _counting_forward_backward(session: ProbeSession, forward_backward_func):
+    """forward_backward_func that tells the session when the iteration runs it again."""
+    runs = [0]
+
+    @functools.wraps(forward_backward_func)
+    def run(*args, **kwargs):
+        if runs[0]:
+            session.restart_step()
+        runs[0] += 1
+        return forward_backward_func(*args, **kwargs)
+
+    return run
+
+
+def _skipped(out) -> bool:
+    # 0.19 returns (loss_dict, skipped_iter, should_checkpoint, should_exit, ...).
+    return bool(out[1]) if isinstance(out, tuple) and len(out) > 1 else False
+
+
 def install() -> None:
-    """Wrap megatron.training.training's train_step / save_checkpoint_and_time / train (idempotent)."""
+    """Wrap megatron.training.training's train / train_step / save_checkpoint_and_time (idempotent)."""
     if _state["installed"]:
         return
     from megatron.training import training as mt
@@ -186,12 +246,24 @@ def install() -> None:
 
     @functools.wraps(original_step)
     def train_step(forward_step_func, data_iterator, model, *args, **kwargs):
-        out = original_step(forward_step_func, data_iterator, model, *args, **kwargs)
+        # Before the iteration runs, so that the first iteration is counted too.
         session = _session_for(model)
-        if session is not None:
-            iteration = kwargs.get("iteration")
-            done = (iteration + 1) if iteration is not None else session.probe.probe.step_number + 1
-            session.after_step(done)
+        if session is None:
+            return original_step(forward_step_func, data_iterator, model, *args, **kwargs)
+        where = _forward_backward_position(args, kwargs)
+        if where == "kw":
+            kwargs["forward_backward_func"] = _counting_forward_backward(session, kwargs["forward_backward_func"])
+        elif where is not None:
+            args = args[:where] + (_counting_forward_backward(session, args[where]),) + args[where + 1:]
+        session.start_step()
+        try:
+            out = original_step(forward_step_func, data_iterator, model, *args, **kwargs)
+        except BaseException:
+            session.probe.close_step()
+            raise
+        iteration = kwargs.get("iteration")
+        done = (iteration + 1) if iteration is not None else session.probe.probe.step_number + 1
+        session.after_step(done, skipped=_skipped(out))
         return out
 
     @functools.wraps(original_save)
@@ -203,6 +275,11 @@ def install() -> None:
 
     @functools.wraps(original_train)
     def train(*args, **kwargs):
+        # train(forward_step_func, model, ...): attach now, before Megatron captures any CUDA
+        # graph (TE graphs are captured before the first train_step when warm-up steps are 0).
+        model = kwargs.get("model", args[1] if len(args) > 1 else None)
+        if model is not None:
+            _session_for(model)
         result = original_train(*args, **kwargs)
         session = _state["session"]
         if session is not None:

@@ -397,7 +397,7 @@ def _reports(counts: _Counts, num_experts: int, ep: int, interval: int, matrix: 
 
 
 def load_dump(path: str | Path, opts: ImportOptions | None = None) -> tuple[dict, list]:
-    """(meta, [IntervalReport]) of a Megatron dump, as `writers.local.load_run` gives for a run
+    """(meta, [IntervalReport]) of a Megatron dump, as `record.load_run` gives for a run
     folder. Raises DumpError (exit 2 in the CLI) for truncated, mixed or unreadable dumps."""
     opts = opts or ImportOptions()
     found = detect(path)

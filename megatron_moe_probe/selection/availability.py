@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card
+from megatron_moe_probe.versions import version_at_least
 
 Importer = Callable[[str], object]
 
@@ -58,26 +59,6 @@ class Availability:
             "permute_fusion": self.permute_fusion,
             "permute_fusion_detail": self.permute_fusion_detail,
         }
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        out.append(int(digits))
-        if not part.isdigit():
-            break
-    return tuple(out)
-
-
-def version_at_least(v: str | None, minimum: str) -> bool:
-    if v is None:
-        return False
-    a, b = _version_tuple(v), _version_tuple(minimum)
-    n = max(len(a), len(b))
-    return a + (0,) * (n - len(a)) >= b + (0,) * (n - len(b))
 
 
 def _dist_version(names: Iterable[str], version_of: Callable[[str], str]) -> str | None:

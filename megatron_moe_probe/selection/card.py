@@ -20,15 +20,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.yaml_io import read_yaml
+from megatron_moe_probe.record import atomic_write_text
+from megatron_moe_probe.yaml_io import package_data, read_yaml
 
 BackendId = Literal["alltoall", "allgather", "deepep", "hybridep", "ncclep"]
 BACKEND_IDS: tuple[str, ...] = ("alltoall", "allgather", "deepep", "hybridep", "ncclep")
 Source = Literal["seed", "seed-upstream", "megatron", "project"]
 
+# The card the code reads ships inside the package. The skill folder keeps a byte-identical
+# copy for agents that read the skill on its own (tests/test_layout.py checks the two match).
+CARD_PATH = package_data("card.yaml")
+# Checkout-only files, rewritten by `--write-skill` (a maintenance step, never run from a wheel).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SKILL_DIR = REPO_ROOT / "skills" / "perf-moe-dispatcher-selection"
-CARD_PATH = SKILL_DIR / "card.yaml"
+SKILL_CARD_COPY = SKILL_DIR / "card.yaml"
 SKILL_MD_PATH = SKILL_DIR / "SKILL.md"
 
 
@@ -341,7 +346,7 @@ def format_validation_error(exc: ValidationError, what: str, models: dict[tuple,
 def load_card(path: Path | str | None = None) -> Card:
     p = Path(path) if path is not None else CARD_PATH
     if not p.is_file():
-        raise UsageError(f"skill card not found at {p} (the package expects the repository layout: skills/perf-moe-dispatcher-selection/card.yaml)")
+        raise UsageError(f"skill card not found at {p} (package data missing from this install: megatron_moe_probe/resources/card.yaml)")
     data = read_yaml(p, "skill card")
     try:
         return Card.model_validate(data)
@@ -428,9 +433,7 @@ def write_skill_tables(card: Card, path: Path = SKILL_MD_PATH, require_all: bool
     if require_all and missing:
         raise UsageError(f"{path}: missing card section markers: {sorted(missing)}")
     if new != text:
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(new)
-        tmp.replace(path)
+        atomic_write_text(path, new)
         return True
     return False
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 
 log = logging.getLogger("megatron_moe_probe")
 

@@ -8,14 +8,12 @@ has them. A statistic the report lacks, or that is NaN, prints as '-'.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from megatron_moe_probe.report import IntervalReport
-
-MISSING = "-"
+from megatron_moe_probe.record import PHASES, IntervalReport, timing_stat
+from megatron_moe_probe.values import MISSING, is_missing
 
 
 def fmt_count(value: Any) -> str:
@@ -51,21 +49,13 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("drop %", "dropped_fraction", fmt_percent),
 )
 # Shown only when at least one layer of the report has a value.
-TIMING_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
-    ("dispatch fwd ms", "dispatch_fwd_ms", fmt_ms),
-    ("combine fwd ms", "combine_fwd_ms", fmt_ms),
-    ("dispatch bwd ms", "dispatch_bwd_ms", fmt_ms),
-    ("combine bwd ms", "combine_bwd_ms", fmt_ms),
+TIMING_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = tuple(
+    (f"{phase.replace('_', ' ')} ms", timing_stat(phase), fmt_ms) for phase in PHASES
 )
 
 
 def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    try:
-        return not math.isnan(float(value))
-    except (TypeError, ValueError):
-        return False
+    return not is_missing(value)
 
 
 def cell(row: dict[str, Any], key: str, formatter: Callable[[Any], str]) -> str:

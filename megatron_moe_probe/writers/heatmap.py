@@ -14,7 +14,7 @@ import io
 import math
 from typing import Any
 
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 
 
 def load_over_mean(report: IntervalReport) -> list[list[float]]:

@@ -1,261 +1,44 @@
-"""The local store: the default writer, and the reader that analysis tools use.
+"""The local writer: every IntervalReport of a run into its run folder (record.py has the format).
 
-A run folder holds
-
-    meta.json         run metadata (args, versions, hardware, dispatcher, ...), written
-                      atomically (temp file + fsync + os.replace) so it is never half there
-    intervals.jsonl   one IntervalReport.to_dict() per line, strict JSON (NaN/inf -> null)
-    layers.parquet    one row per (step, layer), every per-layer statistic a column;
-                      written at close (and every `parquet_every` reports) when pyarrow
-                      is importable; always derivable from intervals.jsonl
-
-Durability: every record is written with a single write() and flushed to the OS
-at once, so a process that is killed (SIGKILL, OOM killer, NCCL watchdog abort)
-loses at most the record being written, which the reader skips. fsync is done
-at close only: an fsync per interval costs milliseconds to seconds on the
-network filesystems training clusters use, and it only adds protection against
-the whole machine going down, where the kernel would lose the last few seconds
-of dirty pages at most.
-
-A resumed run (same folder, restarted from a checkpoint) appends. When the
-writer opens a file whose last line was cut short, it truncates that fragment
-first, so the file stays valid. The reader lets later records supersede earlier
-ones at the same or a later step (the steps recomputed after the restart win).
-
-This module must not import torch: comparison and analysis tools read runs with it.
+fsync is done at close only: an fsync per interval costs milliseconds to seconds on the
+network filesystems training clusters use, and it only adds protection against the whole
+machine going down, where the kernel would lose the last few seconds of dirty pages at most.
+A resumed run (same folder, restarted from a checkpoint) appends; readers let the records
+after the restart supersede the earlier ones (record.supersede_restarts).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.report import SCHEMA_VERSION, IntervalReport
-
-log = logging.getLogger("megatron_moe_probe")
-
-META_FILE = "meta.json"
-INTERVALS_FILE = "intervals.jsonl"
-LAYERS_FILE = "layers.parquet"
-STORE_FORMAT = "megatron_moe_probe.local/1"
-_PARQUET_SIZE_KEY = b"megatron_moe_probe.intervals_bytes"
-
-# Column order of the layer table: identification first, then the statistics the
-# probe reports (any subset), then unknown statistics sorted by name.
-ID_COLUMNS = ("step", "steps", "time", "layer")
-_STEP_SUMMARIZED = ("max_over_mean", "gini", "cv", "entropy", "dead_experts", "rank_max_over_mean")
-KNOWN_STATS: tuple[str, ...] = (
-    "tokens",
-    "max_over_mean",
-    "min_over_mean",
-    "gini",
-    "cv",
-    "entropy",
-    "dead_experts",
-    "rank_max_over_mean",
-    "receiver_skew",
-    "sender_skew",
-    "local_tokens",
-    "intra_node_tokens",
-    "inter_node_tokens",
-    "inter_node_fraction",
-    "dropped_tokens",
-    "dropped_fraction",
-    *(f"{name}_{kind}" for name in _STEP_SUMMARIZED for kind in ("step_mean", "step_worst")),
-    "dispatch_fwd_ms",
-    "combine_fwd_ms",
-    "dispatch_bwd_ms",
-    "combine_bwd_ms",
-)
-
-
-class CorruptRunError(UsageError, ValueError):
-    """A run folder that cannot be read (corruption other than a cut-short last line)."""
-
-
-# ---------------------------------------------------------------------------- encoding
-
-
-def to_json_safe(obj: Any) -> Any:
-    """Plain JSON data from `obj`: non-finite floats become None, tuples lists, numpy
-    scalars Python numbers, paths strings, anything else its str()."""
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): to_json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_json_safe(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    item = getattr(obj, "item", None)  # 0-d numpy arrays / numpy and torch scalars, without importing either
-    shape = getattr(obj, "shape", None)
-    if callable(item) and shape is not None and len(tuple(shape)) == 0:
-        try:
-            return to_json_safe(item())
-        except Exception:  # noqa: BLE001 - fall back to the text form
-            pass
-    return str(obj)
-
-
-def encode_report(report: IntervalReport) -> str:
-    """One line of intervals.jsonl (without the newline): strict JSON, NaN as null."""
-    return json.dumps(to_json_safe(report.to_dict()), allow_nan=False, separators=(",", ":"))
-
-
-def decode_report(data: dict[str, Any]) -> IntervalReport:
-    """Inverse of `encode_report` after json.loads: null per-layer values become NaN again."""
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    missing = [f for f in ("step", "layers", "per_layer") if f not in data]
-    if missing:
-        raise ValueError(f"not an interval record (missing {', '.join(missing)})")
-    per_layer = [
-        {k: (math.nan if v is None else v) for k, v in row.items()} for row in data.get("per_layer", [])
-    ]
-    return IntervalReport.from_dict({**data, "per_layer": per_layer})
-
-
-def _import_pyarrow() -> tuple[Any, Any]:
-    """(pyarrow, pyarrow.parquet); raises ImportError when pyarrow is not installed.
-    One place, so tests can simulate its absence."""
-    import pyarrow
-    import pyarrow.parquet
-
-    return pyarrow, pyarrow.parquet
-
-
-def _pyarrow_or_none() -> tuple[Any, Any] | None:
-    try:
-        return _import_pyarrow()
-    except ImportError:
-        return None
-
-
-# ---------------------------------------------------------------------------- writer
-
-
-def _temp_beside(path: Path) -> Path:
-    """A new, empty temp file next to `path` (same filesystem, so os.replace is atomic).
-    Created with open(), not mkstemp, so it gets the usual umask permissions, not 0600."""
-    for attempt in range(100):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{attempt}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a temp file next to {path}")
-
-
-def _replace_atomically(path: Path, fill: Any) -> None:
-    """Write `path` by calling fill(temp_path), fsync, then os.replace: readers see the old
-    file or the new one, never a half-written one."""
-    tmp = _temp_beside(path)
-    try:
-        fill(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _repair_tail(path: Path) -> None:
-    """Make `path` end at a record boundary before appending to it.
-
-    A complete record that only lacks its newline gets one; a cut-short fragment
-    (the process died mid-write) is truncated away, with a warning."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    if size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        # Find the start of the last line.
-        pos, chunk = size, 1 << 16
-        start = 0
-        while pos > 0:
-            read_from = max(0, pos - chunk)
-            f.seek(read_from)
-            block = f.read(pos - read_from)
-            idx = block.rfind(b"\n")
-            if idx >= 0:
-                start = read_from + idx + 1
-                break
-            pos = read_from
-        f.seek(start)
-        fragment = f.read()
-        try:
-            decode_report(json.loads(fragment))
-        except (ValueError, TypeError):
-            f.truncate(start)
-            log.warning(
-                "moe-probe: %s ended in a partial record (%d bytes, left by an interrupted run); removed it",
-                path,
-                size - start,
-            )
-        else:
-            f.seek(size)
-            f.write(b"\n")
+from megatron_moe_probe import record
+from megatron_moe_probe.record import IntervalReport
 
 
 class LocalWriter:
-    """Writes a run folder (see the module docstring)."""
+    """Writes a run folder (see record.py)."""
 
     name = "local"
 
     def __init__(self, out_dir: str | os.PathLike[str], *, parquet_every: int = 0) -> None:
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.intervals_path = self.dir / INTERVALS_FILE
-        _repair_tail(self.intervals_path)
-        self._file = open(self.intervals_path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+        self._file = record.open_for_append(self.dir)
+        self.intervals_path = self.dir / record.INTERVALS_FILE
         self.parquet_every = parquet_every
         self._count = 0
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        record = dict(to_json_safe(meta))
-        record["store"] = {
-            "format": STORE_FORMAT,
-            "report_schema": SCHEMA_VERSION,
-            "written": time.time(),
-            "files": {"meta": META_FILE, "intervals": INTERVALS_FILE, "layers": LAYERS_FILE},
-        }
-        _atomic_write_text(self.dir / META_FILE, json.dumps(record, indent=2, allow_nan=False, sort_keys=True) + "\n")
+        record.write_meta(self.dir, meta)
 
     def write(self, report: IntervalReport) -> None:
         if self._file is None:
             raise RuntimeError("the local writer is closed")
-        line = encode_report(report) + "\n"  # encode first: never a half-encoded line on disk
-        self._file.write(line)
-        self._file.flush()
+        record.append_report(self._file, report)
         self._count += 1
         if self.parquet_every and self._count % self.parquet_every == 0:
-            write_layer_table(self.dir)
+            record.write_layer_table(self.dir)
 
     def close(self) -> None:
         if self._file is None:
@@ -266,167 +49,4 @@ class LocalWriter:
             os.fsync(f.fileno())
         finally:
             f.close()
-        write_layer_table(self.dir)
-
-
-# ---------------------------------------------------------------------------- reader
-
-
-def _intervals_path(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p / INTERVALS_FILE if p.is_dir() else p
-
-
-def _run_dir(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
-def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """meta.json of a run folder, or {} when there is none."""
-    meta_path = _run_dir(path) / META_FILE
-    if not meta_path.exists():
-        return {}
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CorruptRunError(f"{meta_path}: not valid JSON ({exc})") from exc
-
-
-def iter_reports(path: str | os.PathLike[str]) -> list[IntervalReport]:
-    """Every interval record of intervals.jsonl in file order, without resume handling.
-
-    A last line that cannot be read (cut short by a killed process) is skipped with a
-    warning; an unreadable line followed by others raises CorruptRunError."""
-    file = _intervals_path(path)
-    if not file.exists():
-        raise CorruptRunError(f"{file}: no such file; is {_run_dir(path)} a moe-probe run folder?")
-    reports: list[IntervalReport] = []
-    bad: tuple[int, str] | None = None
-    with open(file, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            if bad is not None:
-                raise CorruptRunError(
-                    f"{file}:{bad[0]}: unreadable record in the middle of the file ({bad[1]}); "
-                    "only a cut-short last line is tolerated"
-                )
-            try:
-                data = json.loads(raw)
-                if isinstance(data, dict) and data.get("kind", "interval") != "interval":
-                    continue  # a record kind from a newer writer: not ours to read
-                reports.append(decode_report(data))
-            except (ValueError, TypeError) as exc:
-                bad = (lineno, f"{type(exc).__name__}: {exc}")
-    if bad is not None:
-        log.warning(
-            "moe-probe: %s:%d: skipped a cut-short last record (%s); the run was probably interrupted",
-            file,
-            bad[0],
-            bad[1],
-        )
-    return reports
-
-
-def supersede_restarts(reports: Iterable[IntervalReport]) -> list[IntervalReport]:
-    """Keep what a resumed run means: a record whose step is not after the previous one
-    starts over from there, replacing the earlier records at that step and later."""
-    out: list[IntervalReport] = []
-    for report in reports:
-        if out and report.step <= out[-1].step:
-            dropped = 0
-            while out and out[-1].step >= report.step:
-                out.pop()
-                dropped += 1
-            log.info(
-                "moe-probe: the run restarted at step %d; %d earlier record(s) from that step on are superseded",
-                report.step,
-                dropped,
-            )
-        out.append(report)
-    return out
-
-
-def load_run(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[IntervalReport]]:
-    """(meta, reports) of a run folder (or of an intervals.jsonl file), with restarts resolved."""
-    return load_meta(path), supersede_restarts(iter_reports(path))
-
-
-def layer_rows(reports: Iterable[IntervalReport]) -> list[dict[str, Any]]:
-    """The long layer table: one dict per (step, layer) with step, steps, time, layer and
-    every per-layer statistic seen in any report (NaN where a report lacks it)."""
-    reports = list(reports)
-    seen: set[str] = set()
-    for report in reports:
-        for row in report.per_layer:
-            seen.update(row)
-    columns = stat_columns(seen)
-    rows: list[dict[str, Any]] = []
-    for report in reports:
-        for layer, stats in zip(report.layers, report.per_layer):
-            row: dict[str, Any] = {"step": int(report.step), "steps": int(report.steps), "time": float(report.time)}
-            row["layer"] = int(layer)
-            for col in columns:
-                value = stats.get(col)
-                row[col] = math.nan if value is None else float(value)
-            rows.append(row)
-    return rows
-
-
-def stat_columns(names: Iterable[str]) -> list[str]:
-    """Statistic names in table order: known ones in KNOWN_STATS order, then the rest sorted."""
-    names = set(names) - set(ID_COLUMNS)
-    return [n for n in KNOWN_STATS if n in names] + sorted(names - set(KNOWN_STATS))
-
-
-def write_layer_table(path: str | os.PathLike[str]) -> Path | None:
-    """(Re)write layers.parquet from intervals.jsonl. Returns its path, or None when
-    pyarrow is not importable or the run has no records yet."""
-    pa_pq = _pyarrow_or_none()
-    run_dir = _run_dir(path)
-    if pa_pq is None:
-        log.info("moe-probe: pyarrow is not installed; %s not written (intervals.jsonl has everything)", LAYERS_FILE)
-        return None
-    pa, pq = pa_pq
-    intervals = run_dir / INTERVALS_FILE
-    size = intervals.stat().st_size
-    rows = layer_rows(supersede_restarts(iter_reports(intervals)))
-    if not rows:
-        return None
-    columns = list(rows[0])
-    arrays = []
-    for col in columns:
-        values = [r[col] for r in rows]
-        if col in ("step", "steps", "layer"):
-            arrays.append(pa.array(values, type=pa.int64()))
-        else:  # NaN (undefined or absent) is stored as null
-            arrays.append(pa.array([None if math.isnan(v) else v for v in values], type=pa.float64()))
-    table = pa.Table.from_arrays(arrays, names=columns)
-    table = table.replace_schema_metadata({_PARQUET_SIZE_KEY: str(size).encode()})
-    target = run_dir / LAYERS_FILE
-    _replace_atomically(target, lambda tmp: pq.write_table(table, os.fspath(tmp)))
-    return target
-
-
-def load_layer_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of the layer table as dicts (see `layer_rows`): from layers.parquet when it is
-    present, readable and up to date with intervals.jsonl, else derived from the JSONL."""
-    run_dir = _run_dir(path)
-    parquet = run_dir / LAYERS_FILE
-    intervals = run_dir / INTERVALS_FILE
-    pa_pq = _pyarrow_or_none() if parquet.exists() else None
-    if pa_pq is not None:
-        _, pq = pa_pq
-        table = pq.read_table(parquet)
-        written_for = (table.schema.metadata or {}).get(_PARQUET_SIZE_KEY)
-        current = intervals.stat().st_size if intervals.exists() else None
-        if current is None or written_for == str(current).encode():
-            rows = table.to_pylist()
-            for row in rows:
-                for key, value in row.items():
-                    if value is None and key not in ID_COLUMNS:
-                        row[key] = math.nan
-            return rows
-        log.info("moe-probe: %s is older than %s; reading the JSONL instead", parquet, intervals)
-    return layer_rows(load_run(run_dir)[1])
+        record.write_layer_table(self.dir)

@@ -13,10 +13,10 @@ import platform
 import socket
 import sys
 import time
-from importlib import metadata
 from typing import Any
 
-from megatron_moe_probe.writers.local import to_json_safe
+from megatron_moe_probe.record import to_json_safe
+from megatron_moe_probe.versions import installed_version
 
 _DISTRIBUTIONS = (
     "megatron-moe-probe",
@@ -33,11 +33,7 @@ _DISTRIBUTIONS = (
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in _DISTRIBUTIONS:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
+    out.update((dist, installed_version(dist)) for dist in _DISTRIBUTIONS)
     return out
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 from megatron_moe_probe.writers.heatmap import heatmap_rgb
 
 HEATMAP_TAG = "moe_heatmap/load_over_mean"
@@ -50,7 +50,7 @@ class TensorBoardWriter:
         return get() if callable(get) else None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        from megatron_moe_probe.writers.local import to_json_safe
+        from megatron_moe_probe.record import to_json_safe
 
         text = json.dumps(to_json_safe(meta), indent=2, sort_keys=True)
         # Indented by four spaces: TensorBoard renders text as markdown, this keeps it verbatim.

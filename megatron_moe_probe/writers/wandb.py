@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from megatron_moe_probe.report import IntervalReport
+from megatron_moe_probe.record import IntervalReport
 from megatron_moe_probe.writers.heatmap import heatmap_rgb
 from megatron_moe_probe.writers.tensorboard import HEATMAP_TAG, HIST_TAG
 
@@ -76,7 +76,7 @@ class WandbWriter:
         return self._run
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        from megatron_moe_probe.writers.local import to_json_safe
+        from megatron_moe_probe.record import to_json_safe
 
         # Under one key, so it cannot collide with Megatron's own config (its args).
         self._run.config.update({"moe_probe": to_json_safe(meta)}, allow_val_change=True)

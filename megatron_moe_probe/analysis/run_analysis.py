@@ -1,63 +1,36 @@
-"""`moe-probe analyze RUN`: what a recorded run's routing means for EP, placement and the
-all-to-all. Reads the local store only; docs/analysis.md has the formulas."""
+"""Every analysis of one run window, as plain data: what `moe-probe analyze` prints and
+`--json` returns. `AnalysisOptions` holds what the command line may set."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from megatron_moe_probe.analysis import a2a_cost, bands, placement, render, whatif
-from megatron_moe_probe.analysis.mock_vs_real import compare_runs
-from megatron_moe_probe.analysis.runs import RunWindow, layer_imbalance, load_window
+from megatron_moe_probe.analysis import a2a_cost, bands, placement, whatif
+from megatron_moe_probe.analysis.runs import RunWindow, layer_imbalance
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.writers.local import to_json_safe
 
 # Used when meta.json does not say; shown as "assumed" in the output.
 ASSUMED_BYTES_PER_ELEMENT = 2  # bf16 activations, what Megatron MoE training dispatches
 ASSUMED_GPUS_PER_NODE = 8
-
-
 _NO_MATRIX = "the run records no rank matrix (a tokens_per_expert dump says what experts received, not from where)"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """None means: from the run (meta.json, the records) or the documented default."""
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="probe run folder (intervals.jsonl + meta.json)")
-    p.add_argument("--against", metavar="RUN_B", help="compare routing imbalance with another run of the model")
-    p.add_argument("--steps", metavar="START:END", help="intervals closing at iterations START..END (default all)")
-    p.add_argument("--layers", type=_int_list, metavar="N,N", help="global layer numbers (default all MoE layers)")
-    p.add_argument("--ep", type=_int_list, metavar="N,N",
-                   help="EP degrees for the what-if and the cost model (default every divisor of E above 1)")
-    p.add_argument("--target-ep", type=int, metavar="N", help="EP for the placement (default the run's EP)")
-    p.add_argument("--replicate", type=int, metavar="R",
-                   help="hottest experts given a second copy (default the target EP: one extra slot per rank)")
-    p.add_argument("--band-thresholds", metavar="MAX/MEAN,GINI",
-                   help="high band at or above both (default 2.0,0.25: our choice)")
-    cost = p.add_argument_group("all-to-all cost model (defaults from meta.json where it says)")
-    cost.add_argument("--hidden-size", type=int)
-    cost.add_argument("--bytes-per-element", type=int, help="activation bytes (default from --bf16/--fp16, else 2)")
-    cost.add_argument("--tokens-per-rank", type=int,
-                      help="tokens one rank dispatches per call (default micro-batch x seq-length / (TP x CP))")
-    cost.add_argument("--gpus-per-node", type=int)
-    cost.add_argument("--intra-node-gbs", type=float, default=a2a_cost.Fabric.intra_node_gb_s,
-                      help="GB/s per GPU per direction inside a node (default 450: NVLink 4 peak)")
-    cost.add_argument("--inter-node-gbs", type=float, default=a2a_cost.Fabric.inter_node_gb_s,
-                      help="GB/s per GPU per direction between nodes (default 50: one 400 Gb/s NIC per GPU)")
-    cost.add_argument("--latency-us", type=float, default=a2a_cost.Fabric.latency_us,
-                      help="fixed cost of one all-to-all (default 10 us: our choice)")
-    p.add_argument("--mapping", action="store_true", help="print every placement's experts per rank")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--plot", metavar="PNG", help="also plot the what-if, the placements and the comparison")
+    ep: list[int] | None = None  # EP degrees for the what-if and the cost model
+    target_ep: int | None = None  # EP of the placement
+    replicate: int | None = None  # hottest experts given a second copy
+    band_thresholds: str | None = None  # "MAX/MEAN,GINI"
+    hidden_size: int | None = None
+    bytes_per_element: int | None = None
+    tokens_per_rank: int | None = None
+    gpus_per_node: int | None = None
+    intra_node_gbs: float = a2a_cost.Fabric.intra_node_gb_s
+    inter_node_gbs: float = a2a_cost.Fabric.inter_node_gb_s
+    latency_us: float = a2a_cost.Fabric.latency_us
 
 
 def _setting(window: RunWindow, name: str, given: int | None) -> dict | None:
@@ -81,16 +54,16 @@ def _tokens_per_rank(window: RunWindow, given: int | None) -> dict | None:
             "source": f"micro-batch {mbs[0]} x seq {seq[0]} / (TP {tp[0]} x CP {cp[0]}), from meta"}
 
 
-def cost_settings(window: RunWindow, args: argparse.Namespace) -> dict:
+def cost_settings(window: RunWindow, options: AnalysisOptions) -> dict:
     """Every input of the cost model with where it came from; `missing` names the ones that
     neither the command line nor meta.json gave."""
     settings = {
-        "hidden_size": _setting(window, "hidden_size", args.hidden_size),
-        "bytes_per_element": _setting(window, "bytes_per_element", args.bytes_per_element)
+        "hidden_size": _setting(window, "hidden_size", options.hidden_size),
+        "bytes_per_element": _setting(window, "bytes_per_element", options.bytes_per_element)
         or {"value": ASSUMED_BYTES_PER_ELEMENT, "source": "assumed (bf16)"},
-        "tokens_per_rank": _tokens_per_rank(window, args.tokens_per_rank),
+        "tokens_per_rank": _tokens_per_rank(window, options.tokens_per_rank),
         "topk": _setting(window, "topk", None),
-        "gpus_per_node": _setting(window, "gpus_per_node", args.gpus_per_node)
+        "gpus_per_node": _setting(window, "gpus_per_node", options.gpus_per_node)
         or {"value": ASSUMED_GPUS_PER_NODE, "source": "assumed"},
     }
     for name in ("hidden_size", "bytes_per_element", "tokens_per_rank", "gpus_per_node"):
@@ -100,9 +73,9 @@ def cost_settings(window: RunWindow, args: argparse.Namespace) -> dict:
     return settings
 
 
-def _cost_section(window: RunWindow, args: argparse.Namespace, eps: list[int], per_expert_mom: list[float]) -> dict:
-    settings = cost_settings(window, args)
-    fabric = a2a_cost.Fabric(args.intra_node_gbs, args.inter_node_gbs, args.latency_us,
+def _cost_section(window: RunWindow, options: AnalysisOptions, eps: list[int], per_expert_mom: list[float]) -> dict:
+    settings = cost_settings(window, options)
+    fabric = a2a_cost.Fabric(options.intra_node_gbs, options.inter_node_gbs, options.latency_us,
                              settings["gpus_per_node"]["value"])
     section = {"settings": settings, "fabric": asdict(fabric), "by_ep": []}
     if settings["missing"]:
@@ -129,18 +102,18 @@ def _cost_section(window: RunWindow, args: argparse.Namespace, eps: list[int], p
     return section
 
 
-def analyze(window: RunWindow, args: argparse.Namespace) -> dict:
+def analyze(window: RunWindow, options: AnalysisOptions = AnalysisOptions()) -> dict:
     """Every analysis of one run window as plain data (the --json output)."""
-    eps = args.ep if args.ep is not None else whatif.ep_degrees(window.num_experts)
+    eps = options.ep if options.ep is not None else whatif.ep_degrees(window.num_experts)
     if not eps:
         raise UsageError("--ep needs at least one EP degree")
     for ep in eps:
         whatif.check_ep(window.num_experts, ep)
-    target = window.ep_size if args.target_ep is None else args.target_ep
+    target = window.ep_size if options.target_ep is None else options.target_ep
     whatif.check_ep(window.num_experts, target)
     # Default: one extra expert slot per rank (none to replicate onto at EP=1).
-    replicate = (target if target > 1 else 0) if args.replicate is None else args.replicate
-    thresholds = bands.BandThresholds.parse(args.band_thresholds) if args.band_thresholds else bands.BandThresholds()
+    replicate = (target if target > 1 else 0) if options.replicate is None else options.replicate
+    thresholds = bands.BandThresholds.parse(options.band_thresholds) if options.band_thresholds else bands.BandThresholds()
     counts = window.tokens_per_expert()
     imbalance = layer_imbalance(window)
     basis = "step" if not any(math.isnan(v) for v in imbalance["gini"]["step"]) else "window"
@@ -163,22 +136,5 @@ def analyze(window: RunWindow, args: argparse.Namespace) -> dict:
                       "layers": placement.compare_placements(fit.tokens_per_expert().sum(0),
                                                              test and test.tokens_per_expert().sum(0),
                                                              target, replicate)},
-        "cost": _cost_section(window, args, eps, imbalance["max_over_mean"]["window"]),
+        "cost": _cost_section(window, options, eps, imbalance["max_over_mean"]["window"]),
     }
-
-
-def run(args: argparse.Namespace) -> int:
-    window = load_window(args.run, args.steps, args.layers)
-    result = analyze(window, args)
-    if args.against:
-        result["against"] = compare_runs(window, load_window(args.against, args.steps, args.layers))
-    if args.json:
-        json.dump(to_json_safe(result), sys.stdout, indent=1)
-        print()
-    else:
-        render.print_result(result, show_mapping=args.mapping)
-    if args.plot:
-        render.plot(result, Path(args.plot))
-        if not args.json:
-            print(f"plot: {args.plot}")
-    return 0

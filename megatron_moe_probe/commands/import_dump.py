@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_moe_probe.writers.local import LocalWriter
+    from megatron_moe_probe import record
 
     for name in ("ep", "num_experts", "interval", "topk", "hidden_size", "gpus_per_node"):
         value = getattr(args, name)
@@ -51,11 +51,7 @@ def run(args: argparse.Namespace) -> int:
                          hidden_size=args.hidden_size, gpus_per_node=args.gpus_per_node, ranks=args.ranks,
                          drop_incomplete=args.drop_incomplete)
     meta, reports = load_dump(args.dump, opts)  # everything is read and checked before anything is written
-    writer = LocalWriter(out)
-    writer.write_meta(meta)
-    for report in reports:
-        writer.write(report)
-    writer.close()
+    record.write_run(out, reports, meta)
     info = meta["imported"]
     tokens = sum(sum(row) for row in reports[-1].tokens_per_expert) if reports else 0
     print(f"{out}: {len(reports)} reports from a {info['format']} dump of {len(info['ranks'])} rank(s), "

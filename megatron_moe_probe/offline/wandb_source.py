@@ -9,7 +9,7 @@ What the row is made of:
   - per-layer statistics: the scalars WandbWriter logs (IntervalReport.scalars(),
     `moe/layer_NN/<stat>` at step = training iteration); every step holding such keys is
     one interval, as a record of the local store is. `moe/all/...` aggregates are not
-    used: compare takes its own medians (compare.summarize);
+    used: compare takes its own medians (run_row.comparison_row);
   - dispatcher, EP, data: the `moe_probe` config key (WandbWriter.write_meta: the probe's run
     meta, with Megatron's args), else Megatron's own config (`wandb.init(config=vars(args))`:
     `moe_token_dispatcher_type`, `expert_model_parallel_size`); None where neither has it;
@@ -39,9 +39,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from megatron_moe_probe.compare import run_dispatcher, summarize
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.megatron.train_log import TrainLog, read_train_log
+from megatron_moe_probe.offline.run_row import comparison_row, run_dispatcher
+from megatron_moe_probe.offline.train_log import TrainLog, read_train_log
 
 WANDB_PREFIX = "wandb:"
 _PROBE_KEY = re.compile(r"^moe/layer_(\d+)/(.+)$")
@@ -213,7 +213,7 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summarize_wandb_run(run: str, explicit_log: Path | None, warmup: int, timeout: int) -> dict:
+def wandb_run_row(run: str, explicit_log: Path | None, warmup: int, timeout: int) -> dict:
     """compare's row for a wandb run folder or `wandb:ENTITY/PROJECT/RUN_ID`."""
     if run.startswith(WANDB_PREFIX):
         config, rows = read_online(run[len(WANDB_PREFIX) :], timeout)
@@ -223,4 +223,4 @@ def summarize_wandb_run(run: str, explicit_log: Path | None, warmup: int, timeou
     if explicit_log is not None:
         log = read_train_log(explicit_log)
     name = run if run.startswith(WANDB_PREFIX) else str(Path(run))
-    return summarize(name, identity(config), intervals, log, warmup)
+    return comparison_row(name, identity(config), intervals, log, warmup)

@@ -2,7 +2,7 @@
 
 Used by the CPU demo and the tests: the model, the parallel state and the token
 dispatchers are Megatron-Core's own; only CUDA plumbing is swapped out
-(cpu_compat). `run_ranks(fn, world_size, ...)` starts the processes and returns
+(cpu/compat.py). `run_ranks(fn, world_size, ...)` starts the processes and returns
 what `fn` returned on each rank.
 """
 
@@ -121,7 +121,7 @@ def init_parallel(cfg: TinyMoEConfig) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mc_random
 
-    from megatron_moe_probe.megatron import cpu_compat
+    from megatron_moe_probe.cpu import compat as cpu_compat
 
     cpu_compat.enable()
     parallel_state.initialize_model_parallel(

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from megatron_moe_probe.analysis.bands import nan_median
 from megatron_moe_probe.analysis.placement import STRATEGIES
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+from megatron_moe_probe.values import format_or_dash as _fmt
+from megatron_moe_probe.values import nan_median
 
 
 def _table(title: str, headers: list[str], caption: str | None = None) -> Table:

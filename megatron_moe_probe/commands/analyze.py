@@ -1,0 +1,74 @@
+"""`moe-probe analyze RUN`: what a recorded run's routing means for EP, placement and the
+all-to-all (analysis/ does the work; docs/analysis.md has the formulas)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from megatron_moe_probe.analysis import a2a_cost
+from megatron_moe_probe.analysis.mock_vs_real import compare_runs
+from megatron_moe_probe.analysis.run_analysis import AnalysisOptions, analyze
+from megatron_moe_probe.analysis.runs import load_window
+from megatron_moe_probe.commands import analyze_output as render
+from megatron_moe_probe.record import to_json_safe
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="probe run folder (intervals.jsonl + meta.json)")
+    p.add_argument("--against", metavar="RUN_B", help="compare routing imbalance with another run of the model")
+    p.add_argument("--steps", metavar="START:END", help="intervals closing at iterations START..END (default all)")
+    p.add_argument("--layers", type=_int_list, metavar="N,N", help="global layer numbers (default all MoE layers)")
+    p.add_argument("--ep", type=_int_list, metavar="N,N",
+                   help="EP degrees for the what-if and the cost model (default every divisor of E above 1)")
+    p.add_argument("--target-ep", type=int, metavar="N", help="EP for the placement (default the run's EP)")
+    p.add_argument("--replicate", type=int, metavar="R",
+                   help="hottest experts given a second copy (default the target EP: one extra slot per rank)")
+    p.add_argument("--band-thresholds", metavar="MAX/MEAN,GINI",
+                   help="high band at or above both (default 2.0,0.25: our choice)")
+    cost = p.add_argument_group("all-to-all cost model (defaults from meta.json where it says)")
+    cost.add_argument("--hidden-size", type=int)
+    cost.add_argument("--bytes-per-element", type=int, help="activation bytes (default from --bf16/--fp16, else 2)")
+    cost.add_argument("--tokens-per-rank", type=int,
+                      help="tokens one rank dispatches per call (default micro-batch x seq-length / (TP x CP))")
+    cost.add_argument("--gpus-per-node", type=int)
+    cost.add_argument("--intra-node-gbs", type=float, default=a2a_cost.Fabric.intra_node_gb_s,
+                      help="GB/s per GPU per direction inside a node (default 450: NVLink 4 peak)")
+    cost.add_argument("--inter-node-gbs", type=float, default=a2a_cost.Fabric.inter_node_gb_s,
+                      help="GB/s per GPU per direction between nodes (default 50: one 400 Gb/s NIC per GPU)")
+    cost.add_argument("--latency-us", type=float, default=a2a_cost.Fabric.latency_us,
+                      help="fixed cost of one all-to-all (default 10 us: our choice)")
+    p.add_argument("--mapping", action="store_true", help="print every placement's experts per rank")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also plot the what-if, the placements and the comparison")
+
+
+def options_from(args: argparse.Namespace) -> AnalysisOptions:
+    return AnalysisOptions(**{f.name: getattr(args, f.name) for f in fields(AnalysisOptions)})
+
+
+def run(args: argparse.Namespace) -> int:
+    window = load_window(args.run, args.steps, args.layers)
+    result = analyze(window, options_from(args))
+    if args.against:
+        result["against"] = compare_runs(window, load_window(args.against, args.steps, args.layers))
+    if args.json:
+        json.dump(to_json_safe(result), sys.stdout, indent=1)
+        print()
+    else:
+        render.print_result(result, show_mapping=args.mapping)
+    if args.plot:
+        render.plot(result, Path(args.plot))
+        if not args.json:
+            print(f"plot: {args.plot}")
+    return 0

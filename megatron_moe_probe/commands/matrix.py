@@ -1,0 +1,183 @@
+"""`moe-probe matrix`: train a grid of runs one after another (offline/matrix.py), then compare them."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import statistics
+import sys
+from pathlib import Path
+
+from megatron_moe_probe.commands import args_after_dashdash
+from megatron_moe_probe.commands.compare import plot_runs, print_table
+from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.offline import matrix
+from megatron_moe_probe.offline.matrix import MANIFEST, Cell, Stopped
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = ("moe-probe matrix RECIPE[:VARIANT]... [--data recipe,PREFIX] [--iters N] --out DIR [-- MEGATRON ARGS]\n"
+               "       moe-probe matrix --demo [--ep 2,4,8] [--dispatcher alltoall,allgather] [--data text,mock,random] "
+               "--out DIR")
+    p.add_argument("targets", nargs="*", help="recipes (NAME or NAME:VARIANT) to train with `moe-probe train`")
+    p.add_argument("--demo", action="store_true", help="CPU grid with `moe-probe demo` instead of recipes")
+    p.add_argument("--ep", default="2,4", help="--demo: EP degrees (processes), from 2, 4, 8 (default 2,4)")
+    p.add_argument("--dispatcher", default="alltoall,allgather", help="--demo: dispatchers (default both)")
+    p.add_argument("--data", default=None,
+                   help="comma list. Recipes: `recipe` (the recipe's own data, default) or indexed dataset "
+                        "prefixes. --demo: text, mock, random (default text)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="--demo: sequences per step over all ranks, the same at every EP (default 4 per rank)")
+    p.add_argument("--iters", type=int, default=None, help="iterations per cell (default: recipe's / demo's 40)")
+    p.add_argument("--repeat", type=int, default=1, help="identical runs per cell, for the noise floor (default 1)")
+    p.add_argument("--out", required=True, help="matrix folder: one sub-folder per cell, matrix.json, compare.*")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="compare: skip intervals up to this iteration (default: a quarter of --iters)")
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="S", help="stop a cell after S seconds")
+    p.add_argument("--rerun", action="store_true", help="train cells again even when matrix.json says they finished")
+    p.add_argument("--dry-run", action="store_true", help="print each cell's command and exit")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log every cell to wandb, all in one group (offline unless $WANDB_MODE says)")
+    p.add_argument("--group", default=None,
+                   help="--wandb: the wandb group (default: the --out folder's name)")
+    p.parse_args = args_after_dashdash(p.parse_args)
+
+
+def _csv(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"{what}: empty list")
+    return items
+
+
+def cells_from(args: argparse.Namespace, out: Path) -> list[Cell]:
+    if args.demo:
+        try:
+            eps = [int(x) for x in _csv(args.ep, "--ep")]
+        except ValueError:
+            raise UsageError(f"--ep wants integers, got {args.ep!r}") from None
+        return matrix.demo_cells(out, eps, _csv(args.dispatcher, "--dispatcher"), _csv(args.data or "text", "--data"),
+                                 args.iters, args.global_batch, args.repeat)
+    if args.targets and args.global_batch is not None:
+        raise UsageError("--global-batch is for --demo cells; for recipes pass Megatron's: -- --global-batch-size N")
+    return matrix.recipe_cells(out, args.targets, _csv(args.data or "recipe", "--data"), args.iters, args.repeat,
+                               args.megatron_args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1 or (args.iters is not None and args.iters < 1):
+        raise UsageError("--repeat and --iters must be at least 1")
+    if args.demo and args.targets:
+        raise UsageError("give recipes or --demo, not both")
+    if args.demo and args.megatron_args:
+        raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
+    out = Path(args.out)
+    cells = cells_from(args, out)
+    if args.wandb:
+        matrix.to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
+    if args.dry_run:
+        import shlex
+
+        for cell in cells:
+            print(f"# {cell.name}\n{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+        return 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {out}: {exc}") from None
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    argv = sys.argv[1:]
+    todo = matrix.mark_finished(cells, out, args.rerun)
+    if len(todo) < len(cells):
+        console.print(f"{len(cells) - len(todo)} of {len(cells)} cells already finished in {out / MANIFEST}; "
+                      f"training {len(todo)} (--rerun trains all)")
+    matrix.save_manifest(out, cells, argv)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("matrix", total=len(todo))
+        matrix.stop_on_signals()
+        for i, cell in enumerate(todo, 1):
+            progress.update(task, description=f"training {cell.name}")
+            try:
+                matrix.run_cell(cell, out, args.cell_timeout, started=lambda: matrix.save_manifest(out, cells, argv))
+            except (KeyboardInterrupt, Stopped) as exc:
+                matrix.save_manifest(out, cells, argv)
+                console.print(f"[yellow]interrupted in {cell.name}; run the same command again to resume[/]")
+                return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+            matrix.save_manifest(out, cells, argv)
+            mark = "[green]ok[/]" if cell.status == "ok" else f"[red]{cell.status}[/] (exit {cell.exit_code})"
+            progress.console.print(f"[{i}/{len(todo)}] {cell.name}: {mark} in {cell.seconds:.0f} s")
+            progress.advance(task)
+    return print_summary(cells, out, args, console)
+
+
+def print_summary(cells: list[Cell], out: Path, args: argparse.Namespace, console) -> int:
+    failed = [c for c in cells if c.status != "ok"]
+    for cell in failed:
+        reason = cell.extra.get("reason", f"exit code {cell.exit_code}")
+        console.print(f"[red]{cell.name} failed[/] ({reason}); end of {out / cell.name / cell.log_name}:\n"
+                      f"{matrix.log_tail(out / cell.name / cell.log_name)}")
+    done = [c for c in cells if c.status == "ok"]
+    if not done:
+        console.print("[red]no cell finished[/]")
+        return 1
+    warmup = args.warmup if args.warmup is not None else (args.iters or 40) // 4
+    rows, spread = matrix.compare_cells(cells, out, warmup)
+    print_table(rows)
+    if spread:
+        _print_spread(spread, console)
+    plot_runs(rows, out / "layers.png")
+    plot_matrix(rows, out / "compare.png")
+    console.print(f"matrix: {len(done)} of {len(cells)} cells finished; {out / 'compare.json'}, "
+                  f"{out / 'compare.png'} (per cell), {out / 'layers.png'} (per layer)")
+    return 1 if failed else 0
+
+
+PANELS = (("ms_per_iter", "ms / iteration"), ("max_over_mean", "per-expert max/mean"), ("gini", "Gini"),
+          ("receiver_skew", "receiver skew"))
+
+
+def plot_matrix(rows: list[dict], path: Path) -> None:
+    """One bar per group of identical cells (median), with the repeats' min-max as the error
+    bar, for step time and the routing statistics: the noise floor is drawn next to the
+    differences it has to be compared with."""
+    from matplotlib.figure import Figure
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    panels = [(key, label) for key, label in PANELS
+              if any(not math.isnan(r.get(key, math.nan)) for r in rows)]
+    cols = 2 if len(groups) > 4 and len(panels) > 2 else len(panels)  # wide grids: a 2 x 2 page
+    nrows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(max(6.0, 0.55 * len(groups) * cols), 4.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    x = range(len(groups))
+    for ax, (key, label) in zip(axes, panels):
+        values = [[r[key] for r in g if not math.isnan(r.get(key, math.nan))] for g in groups.values()]
+        mid = [statistics.median(v) if v else math.nan for v in values]
+        low = [m - min(v) if v else 0 for m, v in zip(mid, values)]
+        high = [max(v) - m if v else 0 for m, v in zip(mid, values)]
+        ax.bar(x, mid, yerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_title(label, fontsize="medium")
+        ax.set_xticks(list(x), list(groups), rotation=60, ha="right", fontsize="small")
+        if key != "ms_per_iter":
+            ax.set_ylim(bottom=min(1.0, *[m for m in mid if not math.isnan(m)]) if key != "gini" else 0)
+    fig.suptitle("matrix: median per cell, bars = min-max over repeats")
+    fig.savefig(path, dpi=110)
+
+
+def _print_spread(spread: list[dict], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="step time between identical runs (the noise floor)")
+    for col in ("cells", "runs", "median ms/iter", "(max-min)/median"):
+        table.add_column(col, justify="left" if col == "cells" else "right")
+    for s in spread:
+        table.add_row(s["group"], str(s["runs"]), f"{s['median_ms_per_iter']:.1f}", f"{s['spread']:.1%}")
+    console.print(table)

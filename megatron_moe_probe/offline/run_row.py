@@ -1,0 +1,45 @@
+"""One row of `moe-probe compare`'s table from any kind of run: the probe's statistics and
+Megatron's own numbers, as medians over the intervals after the warm-up.
+
+Every source (a local run folder, a wandb run) hands over the same shape, so they all
+come out of `comparison_row` alike; this module knows no source.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.record import TIMING_STATS
+from megatron_moe_probe.values import nan_median
+
+STATS = ("max_over_mean", "max_over_mean_step_worst", "gini", "rank_max_over_mean", "receiver_skew",
+         "inter_node_fraction", *TIMING_STATS)
+
+
+def run_dispatcher(meta: dict):
+    """The probe meta's dispatcher as one string (a run may name several)."""
+    dispatcher = meta.get("dispatcher")
+    return ",".join(dispatcher) if isinstance(dispatcher, list) else dispatcher
+
+
+def comparison_row(run: str, identity: dict, intervals: list[tuple[int, dict[int, dict]]], log, warmup: int) -> dict:
+    """One row of the table. identity: dispatcher, ep, data; intervals: (step, layer -> that
+    layer's statistics) per probe report; log: Megatron's numbers (a TrainLog) or None."""
+    kept = [by_layer for step, by_layer in intervals if step > warmup] or [by_layer for _, by_layer in intervals]
+    if not kept:
+        raise UsageError(f"{run}: no probe reports")
+    layers = sorted({n for by_layer in kept for n in by_layer})
+    series = {n: [by_layer[n] for by_layer in kept if n in by_layer] for n in layers}
+    per_layer = {key: [nan_median([x.get(key, math.nan) for x in series[n]]) for n in layers] for key in STATS}
+    row = {"run": run, **identity, "intervals": len(kept), "layers": layers}
+    row.update({key: nan_median(values) for key, values in per_layer.items()})
+    row["max_over_mean_per_layer"] = per_layer["max_over_mean"]
+    if log is not None:
+        after = [f for it, f in zip(log.iterations, log.fields) if it > warmup] or log.fields
+        row["ms_per_iter"] = nan_median([f.get("elapsed time per iteration (ms)") for f in after])
+        row["tflops_per_gpu"] = nan_median([f.get("throughput per GPU (TFLOP/s/GPU)") for f in after])
+        row["max_allocated_mb"] = max(log.max_allocated_mb.values()) if log.max_allocated_mb else math.nan
+        losses = log.series("lm loss")
+        row["final_iteration"], row["final_lm_loss"] = losses[-1] if losses else (None, math.nan)
+    return row

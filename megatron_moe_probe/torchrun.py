@@ -1,0 +1,113 @@
+"""The torchrun command of `moe-probe train`: Megatron args from a recipe (or raw args), the
+environment the dispatcher needs, and `python -m torch.distributed.run` around the worker
+(megatron/launch.py).
+
+It always starts the workers through torchrun, also for one GPU: Megatron reads RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and torchrun sets them all, picks a free
+port (`--standalone`) and tears every worker down when one fails. When those variables are
+already set (the command runs inside torchrun/srun), the caller trains in-process instead.
+No torch and no Megatron here: a dry run works on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_moe_probe.errors import UsageError
+
+WORKER_MODULE = "megatron_moe_probe.megatron.launch"  # what torchrun runs on every rank
+
+
+@dataclass
+class TrainPlan:
+    megatron_args: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
+    recipe_world: Optional[int] = None  # GPUs the recipe is laid out for; None for raw args
+    notes: list[str] = field(default_factory=list)
+
+
+def recipe_spec(recipe: str, variant: Optional[str]) -> str:
+    """NAME[:VARIANT] from a recipe argument and an optional --variant."""
+    if not variant:
+        return recipe
+    if ":" in recipe and not os.path.exists(recipe):
+        raise UsageError(f"give the variant once: {recipe!r} and --variant {variant!r}")
+    return f"{recipe}:{variant}"
+
+
+def plan_training(recipe: Optional[str], *, variant: Optional[str] = None, data_path: Optional[list[str]] = None,
+                  assume_installed: Optional[str] = None, include_probe: bool = True,
+                  extra_args: Optional[list[str]] = None) -> TrainPlan:
+    """Megatron args, environment and notes for a recipe (extra args appended, so they win), or
+    for raw Megatron args alone when `recipe` is None."""
+    from megatron_moe_probe import recipes
+
+    extra = list(extra_args or [])
+    if recipe is None:
+        if variant or data_path:
+            raise UsageError("--variant and --data-path need a recipe (with raw args, give Megatron's own --data-path)")
+        if not extra:
+            raise UsageError("name a recipe (moe-probe render --list) or give Megatron args after --")
+        return TrainPlan(extra)
+    r = recipes.load_recipe(recipe_spec(recipe, variant))
+    if data_path:
+        from megatron_moe_probe.megatron.data import require_dataset
+
+        for prefix in data_path:
+            require_dataset(prefix, "--data-path", "build one with `moe-probe build-dataset`")
+        data = r.data.model_copy(update={"source": "path", "paths": list(data_path), "split": "100,0,0"})
+        r = r.model_copy(update={"data": data})
+    availability = None
+    if assume_installed is not None:
+        from megatron_moe_probe.selection.availability import assumed, parse_backend_list
+        from megatron_moe_probe.selection.card import default_card
+
+        availability = assumed(default_card(), parse_backend_list(assume_installed))
+    resolved = recipes.resolve_dispatcher(r, availability)
+    margs = recipes.render(r, resolved=resolved)
+    if include_probe:
+        margs += recipes.probe_args(r)
+    return TrainPlan(margs + extra, dict(resolved.env), r.parallelism.world_size, list(resolved.notes))
+
+
+def torchrun_command(megatron_args: list[str], *, recipe: Optional[str] = None, variant: Optional[str] = None,
+                     nnodes: Optional[int] = None, nproc_per_node: Optional[int] = None,
+                     node_rank: Optional[int] = None, master_addr: Optional[str] = None,
+                     master_port: int = 29500) -> tuple[list[str], int, int]:
+    """(command, processes per node, nodes); node and process counts default to the recipe's."""
+    from megatron_moe_probe import recipes
+
+    nnodes_, nproc = nnodes, nproc_per_node
+    if recipe is not None and (nnodes_ is None or nproc is None):
+        par = recipes.load_recipe(f"{recipe}:{variant}" if variant else recipe).parallelism
+        nnodes_ = par.nodes if nnodes_ is None else nnodes_
+        nproc = par.gpus_per_node if nproc is None else nproc
+    nnodes_, nproc = nnodes_ or 1, nproc or 1
+    if nproc < 1 or nnodes_ < 1:
+        raise UsageError("--nproc-per-node and --nnodes must be at least 1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes_ == 1:
+        torchrun += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc)]
+    else:
+        if master_addr is None or node_rank is None:
+            raise UsageError(f"--nnodes {nnodes_} needs --master-addr (node 0's address) and --node-rank (this node's rank)")
+        if not 0 <= node_rank < nnodes_:
+            raise UsageError(f"--node-rank {node_rank} is outside 0..{nnodes_ - 1}")
+        torchrun += ["--nnodes", str(nnodes_), "--node-rank", str(node_rank), "--master-addr", master_addr,
+                     "--master-port", str(master_port), "--nproc-per-node", str(nproc)]
+    return torchrun + ["-m", WORKER_MODULE, *megatron_args], nproc, nnodes_
+
+
+def inside_launcher() -> bool:
+    """RANK/WORLD_SIZE/MASTER_ADDR already set: torchrun, srun wrappers or mpirun started us."""
+    return all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def format_command(cmd: list[str], env: dict[str, str]) -> str:
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append(" ".join(shlex.quote(c) for c in cmd))
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The package's shape, checked from its source (AST): no import cycles, the CLI imported by
+nothing in the library, Megatron imported only where it is allowed, the skill's card copy in step."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "megatron_moe_probe"
+NAME = "megatron_moe_probe"
+
+# Library modules that may use argparse, and why.
+ARGPARSE_ALLOWED = {
+    # add_probe_args extends Megatron's own parser (a public entry point Megatron scripts call).
+    f"{NAME}.megatron.flags",
+    # `python -m megatron_moe_probe.selection.card --write-skill`: the skill's maintenance tool.
+    f"{NAME}.selection.card",
+}
+# Where Megatron itself may be imported: the live adapter and worker, and the CPU harness.
+MEGATRON_ALLOWED = (f"{NAME}.megatron", f"{NAME}.cpu")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth of the file (lazy imports are arrows too)."""
+    tree = ast.parse(path.read_text(), str(path))
+    this = module_name(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out.add(base)
+            # `from pkg import mod` imports the submodule when there is one.
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def package_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        graph[name] = {m for m in imports_of(path) if m in files and m != name}
+    return graph
+
+
+def test_every_module_has_an_import_graph_entry():
+    graph = package_graph()
+    assert f"{NAME}.record" in graph and f"{NAME}.commands.compare" in graph
+    assert f"{NAME}.offline.compare" in graph[f"{NAME}.commands.compare"]
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of the package (list of modules, first repeated at the end), or None.
+    A package's __init__ importing its own submodules is not an arrow back to the package."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if node.startswith(nxt + "."):  # a submodule importing its parent package's __init__
+                continue
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    assert find_cycle(package_graph()) is None
+
+
+def library_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")
+            if not module_name(p).startswith(f"{NAME}.commands") and module_name(p) != f"{NAME}.cli"}
+
+
+def test_no_library_module_imports_the_cli_or_the_commands():
+    bad = {name: sorted(m for m in imports_of(path) if m == f"{NAME}.cli" or m.startswith(f"{NAME}.commands"))
+           for name, path in library_modules().items()}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_no_library_module_parses_arguments():
+    """argparse (and so argparse.Namespace parameters) belongs to commands/ and cli.py."""
+    bad = sorted(name for name, path in library_modules().items()
+                 if "argparse" in imports_of(path) and name not in ARGPARSE_ALLOWED)
+    assert bad == []
+
+
+def test_megatron_is_imported_only_by_the_adapter_and_the_cpu_harness():
+    bad = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith(MEGATRON_ALLOWED):
+            continue
+        hits = sorted(m for m in imports_of(path) if m == "megatron" or m.startswith("megatron."))
+        if hits:
+            bad[name] = hits
+    assert bad == {}
+
+
+def test_the_skill_folder_card_is_the_package_card():
+    """The package's card (what the code reads, shipped in the wheel) is the source; the skill
+    folder keeps a copy for agents that read the skill on its own."""
+    from megatron_moe_probe.selection.card import CARD_PATH, SKILL_CARD_COPY
+
+    assert CARD_PATH.is_relative_to(PACKAGE)
+    if SKILL_CARD_COPY.read_bytes() != CARD_PATH.read_bytes():
+        pytest.fail(f"{SKILL_CARD_COPY} differs from {CARD_PATH}; edit the package card and copy it: "
+                    f"cp {CARD_PATH} {SKILL_CARD_COPY}")
+
+
+def test_record_names_cover_what_the_console_shows():
+    from megatron_moe_probe.record import KNOWN_STATS
+    from megatron_moe_probe.writers.console import COLUMNS, TIMING_COLUMNS
+
+    assert [key for _, key, _ in (*COLUMNS, *TIMING_COLUMNS) if key not in KNOWN_STATS] == []
