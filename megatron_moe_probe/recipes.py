@@ -678,4 +678,12 @@ def render_document(r: Recipe, availability: Availability, fmt: str, include_pro
             out.append("")
         out.append("# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
         out.append(" \\\n".join(bridge))
+        if include_probe and r.probe.enabled:
+            from megatron_moe_probe.megatron.bridge import callback_source
+
+            pr = r.probe
+            out.append("")
+            out += callback_source(pr.interval or r.training.log_interval, pr.writers,
+                                   pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}", pr.timing,
+                                   pr.gpus_per_node or r.parallelism.gpus_per_node)
     return "\n".join(out) + "\n"

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate every cell (recipe, dispatcher, availability gate, rendered args) and print its "
                         "command; trains nothing")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log every cell to wandb, all in one group (offline unless $WANDB_MODE says)")
+    p.add_argument("--group", default=None,
+                   help="--wandb: the wandb group (default: the --out folder's name)")
     p.parse_args = args_after_dashdash(p.parse_args)
 
 
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     cells = cells_from(args, out)
     if args.demo and args.assume_installed is not None:
         raise UsageError("--assume-installed is for recipe cells; --demo runs alltoall/allgather on CPU")
+    if args.wandb:
+        matrix.to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
     if args.dry_run:
         import shlex
 
