@@ -54,8 +54,14 @@ def _in_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_CUDA = None  # torch.cuda.is_available(), asked once: the hook runs per router call
+
+
 def _stream_capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    global _CUDA
+    if _CUDA is None:
+        _CUDA = torch.cuda.is_available()
+    return _CUDA and torch.cuda.is_current_stream_capturing()
 
 
 def _graph_warmup_flag():
