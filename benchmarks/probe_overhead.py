@@ -150,7 +150,9 @@ class Bench:
         def token_dispatch(*args, **kwargs):
             out = original(*args, **kwargs)
             if bench.mode in VERIFIED_MODES and binding.router.training:
-                splits = torch.as_tensor(d.input_splits).to("cpu", torch.long)  # already on host
+                # At EP=1 the dispatcher sends nothing and keeps no splits: all its tokens stay here.
+                raw = d.input_splits if d.input_splits is not None else [int(d.num_out_tokens)]
+                splits = torch.as_tensor(raw).to("cpu", torch.long)  # already on host
                 prev = bench.split_sums[binding.slot]
                 bench.split_sums[binding.slot] = splits if prev is None else prev + splits
             return out

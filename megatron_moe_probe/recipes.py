@@ -29,7 +29,7 @@ from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.yaml_io import read_yaml
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
 from megatron_moe_probe.selection.card import Card, default_card, format_validation_error
-from megatron_moe_probe.selection.recommend import Query, Recommendation, flag_set, recommend
+from megatron_moe_probe.selection.recommend import Query, Recommendation, recommend
 from megatron_moe_probe.settings import probe_flags
 from megatron_moe_probe.writers.base import WRITER_NAMES
 from megatron_moe_probe.yaml_io import package_data
@@ -170,7 +170,10 @@ class Training(_Strict):
     log_interval: int = Field(10, ge=1)
     eval_iters: int = 0
     eval_interval: int = 1000
-    transformer_impl: Literal["transformer_engine", "local"] = "transformer_engine"
+    # "auto": transformer_engine where it is installed (>= the version permute fusion needs), else
+    # local, with a note saying why; `te_extra_args` are rendered only with transformer_engine.
+    transformer_impl: Literal["transformer_engine", "local", "auto"] = "transformer_engine"
+    te_extra_args: list[str] = []
     extra_args: list[str] = []
 
 
@@ -413,51 +416,64 @@ class Resolved:
     bridge: dict[str, Any]
     env: dict[str, str]
     notes: list[str]
+    transformer_impl: str = "transformer_engine"  # what --transformer-impl renders ("auto" resolved)
 
 
-def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> Resolved:
+def _has_flag(args: list[str], *names: str) -> bool:
+    return any(a.split("=", 1)[0] in names for a in args)
+
+
+def dispatcher_request(r: Recipe) -> Query:
+    """The recipe as a typed dispatcher request: everything recommend needs for final flags."""
     card = default_card()
-    availability = availability or probe(card)
     d, p = r.dispatcher, r.parallelism
     hw = card.hardware_entry(d.hardware)
     nvlink = hw.nvlink_domain if hw.nvl72 else min(p.gpus_per_node, hw.nvlink_domain or p.gpus_per_node)
-    q = Query(
+    extra = [*r.training.extra_args, *r.training.te_extra_args, *r.model.extra_args]
+    return Query(
         hardware=d.hardware, ep=p.ep, model=r.model.family, stage=d.stage, gpus_per_node=p.gpus_per_node,
         nodes=p.nodes, nvlink_domain=nvlink, precision=d.precision, memory_tight=d.memory_tight,
-        num_experts=r.model.moe.num_experts, tp=p.tp, force=d.forced,
+        num_experts=r.model.moe.num_experts, tp=p.tp, cp=p.cp, force=d.forced,
+        permute_fusion=d.permute_fusion, num_sms=d.num_sms,
+        ep_overlap=_has_flag(extra, "--overlap-moe-expert-parallel-comm"),
+        cuda_graphs=_has_flag(extra, "--cuda-graph-impl", "--enable-cuda-graph", "--external-cuda-graph"),
     )
-    rec = recommend(q, card, availability)
-    fs = rec.flags[rec.use] if rec.use in rec.flags else flag_set(card, rec.use, q, availability)
-    mlm = list(fs.megatron_lm)
-    bridge = dict(fs.bridge)
-    notes = [f"dispatcher: {rec.use}" + (f" (card rule {rec.rule.id})" if rec.rule else " (set in the recipe)")]
+
+
+def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> Resolved:
+    """Ask the selection for the recipe's dispatcher; its flags come back final."""
+    card = default_card()
+    availability = availability or probe(card)
+    try:
+        rec = recommend(dispatcher_request(r), card, availability)
+    except UsageError as exc:
+        raise UsageError(f"recipe {r.full_name}: dispatcher: {exc}") from None
+    fs = rec.flags[rec.use]
+    notes = [f"dispatcher: {rec.use}" + (f" ({rec.decision}, card rule {rec.rule.id})" if rec.rule else
+                                         f" ({rec.decision})")]
     notes += rec.warnings
-    pf = card.permute_fusion
-    if d.permute_fusion == "off":
-        if pf.flag in mlm:
-            mlm.remove(pf.flag)
-        bridge[pf.bridge_key] = False
+    if r.dispatcher.permute_fusion == "off":
         notes.append("permute fusion off (recipe)")
-    elif d.permute_fusion == "on":
-        if not availability.permute_fusion:
-            raise UsageError(f"recipe {r.full_name}: dispatcher.permute_fusion is 'on' but {availability.permute_fusion_detail}")
-        if pf.flag not in mlm:
-            mlm.append(pf.flag)
-        bridge[pf.bridge_key] = True
-    if d.num_sms is not None:
-        if card.backend(rec.use).dispatcher_type != "flex":
-            raise UsageError(f"recipe {r.full_name}: dispatcher.num_sms only applies to flex backends, resolved backend is {rec.use!r}")
-        if card.flex_num_sms_flag in mlm:
-            i = mlm.index(card.flex_num_sms_flag)
-            mlm[i + 1] = str(d.num_sms)
-        else:
-            mlm += [card.flex_num_sms_flag, str(d.num_sms)]
-        bridge[card.flex_num_sms_bridge_key] = d.num_sms
-    env = dict(fs.env)
-    if (p.tp > 1 or p.cp > 1) and hw.arch != "blackwell":
-        # Megatron's validate_args asserts this before Blackwell (arguments.py, 'CUDA_DEVICE_MAX_CONNECTIONS').
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
-    return Resolved(rec, rec.use, mlm, bridge, env, notes)
+    impl = r.training.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if availability.permute_fusion else "local"
+        why = "transformer-engine found" if availability.permute_fusion else availability.permute_fusion_detail
+        dropped = f"; not rendered: {' '.join(r.training.te_extra_args)}" if impl == "local" and r.training.te_extra_args else ""
+        notes.append(f"transformer implementation: {impl} (auto: {why}){dropped}")
+    return Resolved(rec, rec.use, list(fs.megatron_lm), dict(fs.bridge), dict(fs.env), notes, impl)
+
+
+def with_dispatcher(r: Recipe, backend: str) -> Recipe:
+    """The recipe with its dispatcher forced to one backend id (an A/B cell); all else unchanged."""
+    card = default_card()
+    try:
+        b = card.backend(backend)
+    except KeyError:
+        raise UsageError(f"unknown dispatcher {backend!r}; allowed: {', '.join(x.id for x in card.backends)}") from None
+    d = r.dispatcher.model_copy(update={"type": b.dispatcher_type, "backend": b.flex_backend})
+    if b.dispatcher_type != "flex" and d.num_sms is not None:
+        d = d.model_copy(update={"num_sms": None})  # the SM count belongs to flex cells only
+    return r.model_copy(update={"dispatcher": d})
 
 
 # -- rendering -------------------------------------------------------------------------
@@ -552,12 +568,14 @@ def parallel_args(r: Recipe) -> list[str]:
     return _flags(r.parallelism, PARALLELISM)
 
 
-def training_args(r: Recipe) -> list[str]:
+def training_args(r: Recipe, transformer_impl: str | None = None) -> list[str]:
     t = r.training
+    impl = transformer_impl or (t.transformer_impl if t.transformer_impl != "auto" else "local")
+    t = t.model_copy(update={"transformer_impl": impl})
     a = _flags(t, TRAINING_BATCH)
     if t.precision != "fp32":
         a.append(f"--{t.precision}")
-    return a + _flags(t, TRAINING_LOOP) + t.extra_args
+    return a + _flags(t, TRAINING_LOOP) + t.extra_args + (t.te_extra_args if impl == "transformer_engine" else [])
 
 
 def data_args(r: Recipe) -> list[str]:
@@ -590,7 +608,8 @@ def render(r: Recipe, availability: Availability | None = None, include_probe: b
            resolved: Resolved | None = None) -> list[str]:
     """Megatron-LM arguments for the recipe (model, parallelism, dispatcher, training, data)."""
     resolved = resolved or resolve_dispatcher(r, availability)
-    args = model_args(r) + parallel_args(r) + resolved.megatron_lm + training_args(r) + data_args(r)
+    args = (model_args(r) + parallel_args(r) + resolved.megatron_lm + training_args(r, resolved.transformer_impl)
+            + data_args(r))
     if include_probe:
         args += probe_args(r)
     return args
@@ -659,4 +678,12 @@ def render_document(r: Recipe, availability: Availability, fmt: str, include_pro
             out.append("")
         out.append("# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
         out.append(" \\\n".join(bridge))
+        if include_probe and r.probe.enabled:
+            from megatron_moe_probe.megatron.bridge import callback_source
+
+            pr = r.probe
+            out.append("")
+            out += callback_source(pr.interval or r.training.log_interval, pr.writers,
+                                   pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}", pr.timing,
+                                   pr.gpus_per_node or r.parallelism.gpus_per_node)
     return "\n".join(out) + "\n"

@@ -56,19 +56,23 @@ def blend_prefixes(data_path: list[str]) -> list[str]:
 
 def plan_training(recipe: Optional[str], *, variant: Optional[str] = None, data_path: Optional[list[str]] = None,
                   assume_installed: Optional[str] = None, include_probe: bool = True,
-                  extra_args: Optional[list[str]] = None) -> TrainPlan:
+                  extra_args: Optional[list[str]] = None, dispatcher: Optional[str] = None) -> TrainPlan:
     """Megatron args, environment and notes for a recipe (extra args appended, so they win), or
-    for raw Megatron args alone when `recipe` is None."""
+    for raw Megatron args alone when `recipe` is None. `dispatcher` forces the recipe's
+    dispatcher to one backend id (one A/B cell, `train --dispatcher`)."""
     from megatron_moe_probe import recipes
 
     extra = list(extra_args or [])
     if recipe is None:
-        if variant or data_path:
-            raise UsageError("--variant and --data-path need a recipe (with raw args, give Megatron's own --data-path)")
+        if variant or data_path or dispatcher:
+            raise UsageError("--variant, --data-path and --dispatcher need a recipe "
+                             "(with raw args, give Megatron's own --data-path and dispatcher flags)")
         if not extra:
             raise UsageError("name a recipe (moe-probe render --list) or give Megatron args after --")
         return TrainPlan(extra)
     r = recipes.load_recipe(recipe_spec(recipe, variant))
+    if dispatcher:
+        r = recipes.with_dispatcher(r, dispatcher)
     if data_path:
         from megatron_moe_probe.megatron.data import require_dataset
 

@@ -169,6 +169,17 @@ def test_train_dry_run_variant_multinode_and_raw_args(capsys):
     assert rc == 2 and "name a recipe" in err
 
 
+def test_train_dispatcher_forces_one_ab_cell(capsys):
+    # `train --dispatcher` is what every cell of recommend's A/B (`matrix --dispatcher`) runs.
+    rc, out, err = cli(capsys, "train", "tiny-gpu", "--dispatcher", "allgather", "--dry-run", "--assume-installed", "none")
+    assert rc == 0, err
+    assert "--moe-token-dispatcher-type allgather" in out.splitlines()[-1]
+    rc, _, err = cli(capsys, "train", "tiny-gpu", "--dispatcher", "flexx", "--dry-run")
+    assert rc == 2 and "unknown dispatcher 'flexx'" in err
+    rc, _, err = cli(capsys, "train", "--dispatcher", "alltoall", "--dry-run", "--", *TINY_ARGS)
+    assert rc == 2 and "need a recipe" in err
+
+
 def test_train_data_path_replaces_the_recipes_mock_data(tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()

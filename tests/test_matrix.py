@@ -87,7 +87,7 @@ def test_recipe_cells_interleave_repeats_and_pass_datasets(tmp_path):
     names = [line[2:] for line in proc.stdout.splitlines() if line.startswith("# ")]
     assert names == ["tiny-gpu-r1", "tiny-gpu-text-r1", "tiny-gpu-allgather-r1", "tiny-gpu-allgather-text-r1",
                      "tiny-gpu-r2", "tiny-gpu-text-r2", "tiny-gpu-allgather-r2", "tiny-gpu-allgather-text-r2"]
-    commands = [line for line in proc.stdout.splitlines() if not line.startswith("# ")]
+    commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]  # "## " lines: validation notes
     assert all(("--data-path " + str(prefix) in c) == ("-text-" in c) for c in commands)
     assert all(c.split(" > ")[0].endswith("--log-interval 5") and "--train-iters 5" in c for c in commands)
 

@@ -47,9 +47,13 @@ def test_hardware_table_matches_card():
     rows = table_rows(section(SKILL, "by_hardware"))
     assert [r[0] for r in rows] == [r.row for r in CARD.tables.by_hardware]
     for cells, row in zip(rows, CARD.tables.by_hardware):
-        assert cells[1] == row.text and cells[2] == row.why
-        label = CARD.backend(row.first_choice).label
-        assert label.lower() in cells[1].lower()  # the text names the backend the card chose
+        assert cells[1].strip("`") == row.bring_up
+        assert cells[2].endswith(row.text) and cells[3] == row.why
+        for c in row.tuned:  # the candidate set is named
+            assert CARD.backend(c.backend).label.lower() in cells[2].lower()
+        assert cells[4] == f"{row.source}, {row.date}"  # every row carries source and date
+        for h in row.history:  # and the earlier answer is kept
+            assert h.text in cells[5] and h.date in cells[5]
 
 
 def test_ep_and_model_tables_match_card():
@@ -75,6 +79,20 @@ def test_backend_flags_table_matches_card():
             assert f"{k}={v}" in cells[2]
         for req in b.requires:
             assert req.module.split(".")[0] in cells[3]
+
+
+def test_measured_rows_and_limitations_listed():
+    rows = table_rows(section(SKILL, "measured"))
+    assert len(rows) == len(CARD.measured)
+    for cells, m in zip(rows, CARD.measured):
+        assert cells[1] == f"{m.gpus}×{m.hardware}" and cells[8] == f"{m.source}, {m.date}"
+        if m.tflops_per_gpu is not None:
+            assert float(cells[4].lstrip("~")) == m.tflops_per_gpu
+    text = section(SKILL, "limitations")
+    for lim in CARD.known_limitations:
+        assert lim.text in text
+    tuning = section(SKILL, "tuning")
+    assert "`moe-deepep-num-sms` | 20 |" in tuning and "`moe-hybridep-num-sms` | 16 |" in tuning
 
 
 def test_pitfalls_listed():

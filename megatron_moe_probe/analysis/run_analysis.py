@@ -13,6 +13,7 @@ from megatron_moe_probe.errors import UsageError
 # Used when meta.json does not say; shown as "assumed" in the output.
 ASSUMED_BYTES_PER_ELEMENT = 2  # bf16 activations, what Megatron MoE training dispatches
 ASSUMED_GPUS_PER_NODE = 8
+_NO_MATRIX = "the run records no rank matrix (a tokens_per_expert dump says what experts received, not from where)"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ def _setting(window: RunWindow, name: str, given: int | None) -> dict | None:
 def _tokens_per_rank(window: RunWindow, given: int | None) -> dict | None:
     if given is not None:
         return {"value": given, "source": "command line"}
+    calls = (window.meta.get("imported") or {}).get("tokens_per_call")
+    if calls:  # a RouterTracer dump says how many tokens each router call saw
+        return {"value": int(calls), "source": "RouterTracer records' num_tokens"}
     mbs, seq = window.setting("micro_batch_size"), window.setting("seq_length")
     if mbs is None or seq is None:
         return None
@@ -88,7 +92,8 @@ def _cost_section(window: RunWindow, options: AnalysisOptions, eps: list[int], p
     measured_iterations = window.iteration_rank_matrix()
     section["per_iteration"] = per_iteration is not None
     matrices = [(ep, "modelled", whatif.modelled_rank_matrix(counts, ep)) for ep in eps]
-    matrices.append((window.ep_size, "measured", window.rank_matrix().sum(0)))
+    if window.has_rank_matrix:
+        matrices.append((window.ep_size, "measured", window.rank_matrix().sum(0)))
     for ep, source, matrix in sorted(matrices, key=lambda m: (m[0], m[1] != "measured")):
         layers = a2a_cost.dispatch_cost(matrix, assignments, per_assignment, fabric)
         # Each iteration's own dispatch (what a GPU waits for): its matrix, recorded at the run's
@@ -137,7 +142,8 @@ def analyze(window: RunWindow, options: AnalysisOptions = AnalysisOptions()) -> 
                       "per_iteration": per_iteration is not None,
                       "by_ep": whatif.ep_scan(counts, eps, per_iteration)},
         "matrix_check": {"ep": window.ep_size,
-                         "layers": whatif.matrix_check(window.rank_matrix().sum(0), counts.sum(0))},
+                         "layers": whatif.matrix_check(window.rank_matrix().sum(0), counts.sum(0))}
+        if window.has_rank_matrix else {"ep": window.ep_size, "skipped": _NO_MATRIX},
         "modelled_matrix": {"ep": target, "layers": whatif.modelled_rank_matrix(counts.sum(0), target).tolist()},
         "bands": {"basis": basis, **bands.band_table(imbalance["max_over_mean"][basis], imbalance["gini"][basis],
                                                      thresholds)},

@@ -35,6 +35,11 @@ class RunWindow:
         pos = self._layer_positions()
         return torch.tensor([[r.tokens_per_expert[i] for i in pos] for r in self.reports], dtype=torch.int64)
 
+    @property
+    def has_rank_matrix(self) -> bool:
+        """False for runs imported from a dump that does not record sources (tokens per expert)."""
+        return all(r.rank_matrix for r in self.reports)
+
     def rank_matrix(self) -> torch.Tensor:
         """[interval, layer, src EP rank, dst EP rank] counts (int64)."""
         pos = self._layer_positions()
@@ -200,7 +205,10 @@ def load_window(path: str | Path, steps: str | None = None, layers: list[int] | 
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"not a run folder: {path}")
-    meta, reports = load_run(path)
+    from megatron_moe_probe.offline import megatron_dumps
+
+    # A folder of Megatron's own dumps (RouterTracer, tokens per expert) reads as a run too.
+    meta, reports = megatron_dumps.load_if_dump(path) or load_run(path)
     if not reports:
         raise UsageError(f"{path}: no probe reports in its intervals.jsonl")
     start, end = parse_steps(steps)

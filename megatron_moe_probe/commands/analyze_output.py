@@ -55,6 +55,8 @@ def _whatif(result: dict, _) -> list:
 
 def _matrix_check(result: dict, _) -> list:
     data = result["matrix_check"]
+    if "skipped" in data:
+        return [f"Rank-to-rank matrix check skipped: {data['skipped']}"]
     table = _table(f"Rank-to-rank matrix at EP={data['ep']}: measured vs modelled (tokens from all ranks alike)",
                    ["layer", "max cell error", "local measured", "local modelled", "sender skew",
                     "recv skew measured", "recv skew modelled"],

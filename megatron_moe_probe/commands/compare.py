@@ -56,7 +56,8 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="runs compared (medians over intervals after warm-up)")
-    columns = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("EP", "ep", "d"),
+    columns = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("ran", "ran", "s"), ("status", "status", "s"),
+               ("EP", "ep", "d"),
                ("ms/iter", "ms_per_iter", ".1f"), ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
                ("max mem MB", "max_allocated_mb", ".0f"), ("final loss", "final_lm_loss", ".4f"),
                ("Δ loss", "loss_delta_vs_first", "+.4f"), ("max/mean", "max_over_mean", ".3f"),
@@ -64,7 +65,7 @@ def print_table(rows: list[dict]) -> None:
                ("rank max/mean", "rank_max_over_mean", ".3f"), ("recv skew", "receiver_skew", ".3f"),
                ("dispatch fwd ms", "dispatch_fwd_ms", ".2f"), ("combine fwd ms", "combine_fwd_ms", ".2f")]
     # Columns no run has (CPU runs log no TFLOP/s or memory, runs without timing no dispatch ms) are left out.
-    columns = [c for c in columns if c[1] in ("run", "dispatcher") or any(
+    columns = [c for c in columns if c[1] in ("run", "dispatcher", "status") or any(
         _fmt(row.get(c[1]), c[2]) != "-" for row in rows)]
     names = [Path(row["run"]).name for row in rows]
     for header, *_ in columns:
@@ -75,7 +76,12 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         shown = dict(row, run=Path(row["run"]).name)  # the folder name; --json keeps the path
         table.add_row(*[_fmt(shown.get(key), spec) for _, key, spec in columns])
-    Console(width=max(Console().width, 160)).print(table)
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for row in rows:
+        if row.get("status") == "environment limit":
+            console.print(f"{Path(row['run']).name}: ENVIRONMENT LIMIT ({row['environment_limit']}): not performance "
+                          "data, left out of the comparison")
 
 
 def plot_runs(rows: list[dict], path: Path) -> None:

@@ -27,9 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "degree the same tokens each step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--quiet", action="store_true", help="no per-interval console table")
+    p.add_argument("--writers", default=None,
+                   help="comma list of local, tensorboard, wandb, console (default local, + console unless --quiet)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_moe_probe.writers.base import parse_writer_names
+
     global_batch = 4 * args.ranks if args.global_batch is None else args.global_batch
     demo.check_settings(args.steps, args.interval, args.ranks, args.experts, global_batch)
     out = Path(args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
@@ -45,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = demo.train(out, steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
                          ranks=args.ranks, experts=args.experts, data=args.data, global_batch=global_batch,
-                         lr=args.lr, quiet=args.quiet)
+                         lr=args.lr, quiet=args.quiet,
+                         writers=parse_writer_names(args.writers) if args.writers else None)
     wall = time.perf_counter() - t0
     losses = results[0]["losses"]
     step_s = sorted(results[0]["step_seconds"])[len(losses) // 2]

@@ -17,13 +17,19 @@ from megatron_moe_probe.offline.matrix import MANIFEST, Cell, Stopped
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.usage = ("moe-probe matrix RECIPE[:VARIANT]... [--data recipe,PREFIX] [--iters N] --out DIR [-- MEGATRON ARGS]\n"
+    p.usage = ("moe-probe matrix RECIPE[:VARIANT]... [--dispatcher BACKENDS] [--assume-installed LIST] "
+               "[--data recipe,PREFIX] [--iters N] --out DIR [-- MEGATRON ARGS]\n"
                "       moe-probe matrix --demo [--ep 2,4,8] [--dispatcher alltoall,allgather] [--data text,mock,random] "
                "--out DIR")
     p.add_argument("targets", nargs="*", help="recipes (NAME or NAME:VARIANT) to train with `moe-probe train`")
     p.add_argument("--demo", action="store_true", help="CPU grid with `moe-probe demo` instead of recipes")
     p.add_argument("--ep", default="2,4", help="--demo: EP degrees (processes), from 2, 4, 8 (default 2,4)")
-    p.add_argument("--dispatcher", default="alltoall,allgather", help="--demo: dispatchers (default both)")
+    p.add_argument("--dispatcher", default=None,
+                   help="comma list. --demo: alltoall, allgather (default both). Recipes: backends to force in every "
+                        "recipe, one cell each (alltoall, allgather, deepep, hybridep, ncclep; default: the recipe's own): "
+                        "the matched A/B that `moe-probe recommend` prints")
+    p.add_argument("--assume-installed", default=None, metavar="LIST",
+                   help="recipes: passed to every `moe-probe train` cell (and used by --dry-run to validate the cells)")
     p.add_argument("--data", default=None,
                    help="comma list. Recipes: `recipe` (the recipe's own data, default) or indexed dataset "
                         "prefixes. --demo: text, mock, random (default text)")
@@ -36,7 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare: skip intervals up to this iteration (default: a quarter of --iters)")
     p.add_argument("--cell-timeout", type=float, default=None, metavar="S", help="stop a cell after S seconds")
     p.add_argument("--rerun", action="store_true", help="train cells again even when matrix.json says they finished")
-    p.add_argument("--dry-run", action="store_true", help="print each cell's command and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every cell (recipe, dispatcher, availability gate, rendered args) and print its "
+                        "command; trains nothing")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log every cell to wandb, all in one group (offline unless $WANDB_MODE says)")
+    p.add_argument("--group", default=None,
+                   help="--wandb: the wandb group (default: the --out folder's name)")
     p.parse_args = args_after_dashdash(p.parse_args)
 
 
@@ -49,16 +61,21 @@ def _csv(text: str, what: str) -> list[str]:
 
 def cells_from(args: argparse.Namespace, out: Path) -> list[Cell]:
     if args.demo:
+        from megatron_moe_probe.cpu.demo import DISPATCHERS
+
         try:
             eps = [int(x) for x in _csv(args.ep, "--ep")]
         except ValueError:
             raise UsageError(f"--ep wants integers, got {args.ep!r}") from None
-        return matrix.demo_cells(out, eps, _csv(args.dispatcher, "--dispatcher"), _csv(args.data or "text", "--data"),
+        dispatchers = _csv(args.dispatcher or ",".join(DISPATCHERS), "--dispatcher")
+        return matrix.demo_cells(out, eps, dispatchers, _csv(args.data or "text", "--data"),
                                  args.iters, args.global_batch, args.repeat)
     if args.targets and args.global_batch is not None:
         raise UsageError("--global-batch is for --demo cells; for recipes pass Megatron's: -- --global-batch-size N")
     return matrix.recipe_cells(out, args.targets, _csv(args.data or "recipe", "--data"), args.iters, args.repeat,
-                               args.megatron_args)
+                               args.megatron_args,
+                               dispatchers=_csv(args.dispatcher, "--dispatcher") if args.dispatcher else None,
+                               assume_installed=args.assume_installed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,11 +87,20 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
     out = Path(args.out)
     cells = cells_from(args, out)
+    if args.demo and args.assume_installed is not None:
+        raise UsageError("--assume-installed is for recipe cells; --demo runs alltoall/allgather on CPU")
+    if args.wandb:
+        matrix.to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
     if args.dry_run:
         import shlex
 
-        for cell in cells:
-            print(f"# {cell.name}\n{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+        checked = [] if args.demo else matrix.validate_recipe_cells(cells, args.assume_installed)
+        for i, cell in enumerate(cells):
+            print(f"# {cell.name}")
+            if checked:
+                print(checked[i])
+            print(f"{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+        print(f"## dry run: {len(cells)} cell(s) " + ("listed" if args.demo else "validated") + ", nothing trained")
         return 0
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +138,13 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(cells: list[Cell], out: Path, args: argparse.Namespace, console) -> int:
     failed = [c for c in cells if c.status != "ok"]
+    matrix.mark_environment_limits(cells, out)
     for cell in failed:
+        limit = cell.extra.get("environment_limit")
+        if limit:
+            console.print(f"[yellow]{cell.name}: ENVIRONMENT LIMIT[/] ({limit}): the requested backend did not run; "
+                          "not performance data")
+            continue
         reason = cell.extra.get("reason", f"exit code {cell.exit_code}")
         console.print(f"[red]{cell.name} failed[/] ({reason}); end of {out / cell.name / cell.log_name}:\n"
                       f"{matrix.log_tail(out / cell.name / cell.log_name)}")

@@ -1,17 +1,124 @@
-"""`moe-probe recommend`: which MoE token dispatcher to use, why, and its exact flags
-(the decision is selection/recommend.py; this module reads the command line and prints)."""
+"""`moe-probe recommend`: the command around selection.recommend (arguments, recipes, text, JSON).
+
+The decision is selection/recommend.py and the A/B plan selection/plan.py; this module reads
+the command line and prints. It is the only recommend code that knows about recipes: it turns
+`--model` (a card family alias or a recipe name) into a family and an expert count, finds the
+recipe (and variant) that matches the query's parallelism for the A/B command, and renders
+the answer.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Callable
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card, default_card
 from megatron_moe_probe.selection.hardware import Detected, detect_gpus, resolve_topology
-from megatron_moe_probe.selection.recommend import Query, format_text, recommend
+from megatron_moe_probe.selection.plan import ab_plan
+from megatron_moe_probe.selection.recommend import Query, Recommendation, _ov, recommend
+
+
+def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
+    q = rec.query
+    L: list[str] = []
+    label = lambda b: card.backend(b).label  # noqa: E731
+    L.append(f"Dispatcher: {label(rec.use)}" + ("" if not rec.fallback_used else f"   (first choice {label(rec.first_choice)} is NOT INSTALLED: fallback)"))
+    L.append(f"  decision     : {rec.decision}")
+    L.append(f"  bring-up     : {label(rec.bring_up)}")
+    if rec.winner is not None:
+        w = rec.winner
+        L.append(f"  measured winner: {label(w.backend)}: {w.model_label} on {w.gpus}×{w.hardware} {w.parallelism}, "
+                 f"{w.tflops_per_gpu:g} TFLOP/s/GPU" + (f", {w.step_time_s:g} s/step" if w.step_time_s else "")
+                 + f" [{w.source}, {w.date}]")
+    elif rec.decision == "ab-decides":
+        L.append(f"  no measured winner for this model, hardware and scale: the A/B decides; lead candidate {label(rec.first_choice)}")
+    L.append(f"  first choice : {label(rec.first_choice)}  [{'installed' if rec.first_choice_available else 'NOT INSTALLED'}]")
+    if rec.fallback:
+        L.append(f"  fallback     : {label(rec.fallback)}  (used when {label(rec.first_choice)} is not installed)")
+    if len(rec.candidates) > 1:
+        L.append("")
+        L.append("Candidates")
+        for c in rec.candidates:
+            L.append(f"  {label(c.backend):28s} {c.role:9s} {'installed' if c.installed else 'NOT INSTALLED'}  {c.reason}")
+    if rec.evidence and q.stage == "performance":
+        L.append("")
+        L.append("Measured rows")
+        for m in rec.evidence:
+            tf = "-" if m.tflops_per_gpu is None else ("~" if m.tflops_approx else "") + f"{m.tflops_per_gpu:g}"
+            L.append(f"  {m.model_label} on {m.gpus}×{m.hardware} {m.parallelism}: {label(m.backend)}, {tf} TFLOP/s/GPU, "
+                     f"{m.role} [{m.source}, {m.date}]")
+    L.append("")
+    L.append("Why")
+    L.append(
+        f"  inputs: hardware={q.hardware} ep={q.ep} ({rec.ep_class} EP, {rec.topology}) model={q.model} "
+        f"stage={q.stage} precision={q.precision}" + (" memory-tight" if q.memory_tight else "")
+        + (f" nodes={q.nodes} gpus/node={q.gpus_per_node}" if q.gpus_per_node else "")
+        + (f" nvlink-domain={q.nvlink_domain}" if q.nvlink_domain else "")
+    )
+    if rec.decision == "forced":
+        L.append(f"  forced: --backend {q.force}")
+    elif rec.rule is not None:
+        L.append(f"  card rule '{rec.rule.id}' [{rec.rule.source}, {rec.rule.date}]: {rec.rule.why}")
+        for ref in rec.cited_rows:
+            row = card.table_row(ref)
+            L.append(f"    table row {ref}: {row.text} [{row.source}, {row.date}]")
+    for r in rec.history:
+        L.append(f"  earlier: rule '{r.id}' [{r.source}, {r.date}] led with {label(r.choose)}; superseded by '{r.superseded_by}'")
+    for r in rec.other_matching_rules[:4]:
+        agree = "agrees" if r.choose == rec.first_choice else f"would lead with {label(r.choose)}"
+        L.append(f"  also matches '{r.id}' ({agree})")
+    L.append("")
+    L.append("Availability gate (" + rec.availability.source + ")")
+    for b in dict.fromkeys([rec.first_choice, rec.fallback, *[c.backend for c in rec.candidates]]):
+        if b is None:
+            continue
+        st = rec.availability.backends[b]
+        L.append(f"  {label(b):28s} {'ok' if st.available else 'MISSING'}  {st.detail}")
+    L.append(f"  {'permute fusion':28s} {'ok' if rec.availability.permute_fusion else 'off'}  {rec.availability.permute_fusion_detail}")
+    for b, fs in rec.flags.items():
+        L.append("")
+        tag = "first choice" if b == rec.first_choice else "fallback"
+        L.append(f"Flags for {label(b)} ({tag})")
+        L.append("  Megatron-LM    : " + " ".join(fs.megatron_lm))
+        L.append("  Megatron-Bridge: " + " ".join(f"{k}={_ov(v)}" for k, v in fs.bridge.items()))
+        if fs.bridge_perf_harness:
+            L.append("  Bridge perf    : " + fs.bridge_perf_harness)
+        for k, v in fs.env.items():
+            L.append(f"  env            : {k}={v}")
+    if rec.plan is not None:
+        p = rec.plan
+        L.append("")
+        L.append("A/B plan: " + p["decides"])
+        L.append("  " + p["shell"])
+        L.append("  check it first (CPU, trains nothing): " + shlex.join(p["dry_run_command"]))
+        L.append("  held fixed: " + ", ".join(p["held_fixed"]))
+        L.append("  benchmark-only: " + p["benchmark_only"]["disclosure"])
+        if p["not_installed"]:
+            L.append("  left out (not installed, an environment limitation): " + ", ".join(p["not_installed"]))
+        L.extend(f"  note: {n}" for n in p["notes"])
+    if rec.warnings:
+        L.append("")
+        L.append("Warnings")
+        L.extend(f"  ! {w}" for w in rec.warnings)
+    if rec.fallback_used or explain:
+        L.append("")
+        L.append("Pitfalls" if explain else "Pitfall")
+        for p in card.pitfalls:
+            if explain or p.id == "import-failure":
+                L.append(f"  - {p.text}")
+    if explain:
+        L.append("")
+        L.append("Known limitations")
+        L.extend(f"  - {lim.text} [{lim.source}, {lim.date}]" for lim in card.known_limitations)
+        L.append("")
+        L.append("Recorded evidence")
+        for e in card.evidence:
+            L.append(f"  - {e.id} [{e.source}, {e.date}]: {e.what} ({e.model})")
+    return "\n".join(L)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,33 +129,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=None, help="default: the fewest nodes that hold the EP group")
     p.add_argument("--nvlink-domain", type=int, default=None, help="GPUs per NVLink domain (default: node for HGX, 72 for NVL72)")
     p.add_argument("--model", default="other", help="model family or recipe name (e.g. qwen3-30b-a3b, deepseek-v3, vlm, other)")
+    p.add_argument("--recipe", default=None, help="recipe NAME[:VARIANT] for the A/B command (default: the recipe of --model whose parallelism matches)")
     p.add_argument("--stage", default="performance", choices=[s.id for s in card.stages])
     p.add_argument("--precision", default="bf16", choices=list(card.precisions))
-    p.add_argument("--memory-tight", action="store_true", help="memory headroom is the constraint (seed: favours HybridEP on Qwen3-Next)")
+    p.add_argument("--memory-tight", action="store_true", help="memory headroom is the constraint (favours HybridEP on Qwen3-Next)")
     p.add_argument("--num-experts", type=int, default=None, help="check that EP divides it (default: from the recipe named by --model)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (DeepEP/NCCL EP need TP x EP > 1)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (CUDA_DEVICE_MAX_CONNECTIONS before Blackwell)")
+    p.add_argument("--ep-overlap", action="store_true", help="the run uses --overlap-moe-expert-parallel-comm")
+    p.add_argument("--cuda-graphs", action="store_true", help="the run uses CUDA graphs")
     p.add_argument("--backend", default="auto", help=f"force a backend: auto, {', '.join(BACKEND_IDS)}")
     p.add_argument("--assume-installed", default=None, metavar="LIST",
                    help="plan for another container: comma list of installed backends (deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
-    p.add_argument("--explain", action="store_true", help="also print pitfalls and recorded evidence")
+    p.add_argument("--ab-out", default=None, metavar="DIR", help="output folder in the printed A/B command (default runs/ab-RECIPE)")
+    p.add_argument("--explain", action="store_true", help="also print pitfalls, known limitations and recorded evidence")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _recipes():
+    from megatron_moe_probe import recipes
+
+    return recipes
 
 
 def resolve_model_and_experts(card: Card, name: str, num_experts: int | None) -> tuple[str, int | None]:
     """Card family from a family alias or a recipe name; experts from the recipe when known."""
-    from megatron_moe_probe import recipes as recipes_mod
-
-    recipe = recipes_mod.find_recipe_quiet(name)
+    recipes = _recipes()
+    recipe = recipes.find_recipe_quiet(name)
     try:
         fam = card.resolve_model(name)
     except UsageError as exc:
         if recipe is None:
-            names = recipes_mod.recipe_names()
-            raise UsageError(f"{exc}; recipe names: {', '.join(names)}") from None
+            raise UsageError(f"{exc}; recipe names: {', '.join(recipes.recipe_names())}") from None
         fam = recipe.model.family
     if num_experts is None and recipe is not None:
         num_experts = recipe.model.moe.num_experts
     return fam, num_experts
+
+
+def matching_recipe(q: Query, model_name: str) -> tuple[str | None, list[str]]:
+    """The recipe NAME[:VARIANT] whose model, hardware and parallelism match the query, and notes."""
+    recipes = _recipes()
+    base = recipes.find_recipe_quiet(model_name)
+    names = [base.name] if base is not None else []
+    if not names:  # a family alias: the recipes of that family
+        for spec in recipes.recipe_names():
+            r = recipes.find_recipe_quiet(spec)
+            if r is not None and r.model.family == q.model:
+                names.append(r.name)
+    specs = [s for s in recipes.all_recipe_specs() if s.split(":")[0] in names]
+    for spec in specs:
+        r = recipes.load_recipe(spec)
+        p = r.parallelism
+        if (r.dispatcher.hardware == q.hardware and p.ep == q.ep and p.tp == q.tp and p.nodes == q.nodes
+                and (q.gpus_per_node is None or p.gpus_per_node == q.gpus_per_node)):
+            return spec, []
+    if names:
+        return None, [f"no variant of recipe(s) {', '.join(names)} has hardware {q.hardware}, EP={q.ep}, TP={q.tp}, "
+                      f"{q.nodes} node(s): add one, or pass --recipe"]
+    return None, []
 
 
 def build_query(args: argparse.Namespace, card: Card, detector: Callable[[], Detected] = detect_gpus) -> Query:
@@ -61,7 +200,8 @@ def build_query(args: argparse.Namespace, card: Card, detector: Callable[[], Det
     return Query(
         hardware=topo.hardware, ep=args.ep, model=fam, stage=args.stage, gpus_per_node=topo.gpus_per_node,
         nodes=nodes, nvlink_domain=topo.nvlink_domain, precision=args.precision,
-        memory_tight=args.memory_tight, num_experts=num_experts, tp=args.tp, force=force,
+        memory_tight=args.memory_tight, num_experts=num_experts, tp=args.tp, cp=getattr(args, "cp", 1), force=force,
+        ep_overlap=getattr(args, "ep_overlap", False), cuda_graphs=getattr(args, "cuda_graphs", False),
     )
 
 
@@ -69,10 +209,24 @@ def availability_from_args(card: Card, assume: str | None) -> Availability:
     return probe(card) if assume is None else assumed(card, parse_backend_list(assume))
 
 
+def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected] = detect_gpus) -> Recommendation:
+    """The full answer of `moe-probe recommend`: the decision plus, at performance, the A/B plan."""
+    q = build_query(args, card, detector)
+    rec = recommend(q, card, availability_from_args(card, args.assume_installed))
+    if args.recipe is not None:
+        _recipes().load_recipe(args.recipe)  # a typo fails here, not in the printed command
+        recipe, notes = args.recipe, []
+    else:
+        recipe, notes = matching_recipe(q, args.model)
+    rec.plan = ab_plan(card, rec, recipe, args.assume_installed, getattr(args, "ab_out", None))
+    if rec.plan is not None:
+        rec.plan["notes"] = notes + rec.plan["notes"]
+    return rec
+
+
 def run(args: argparse.Namespace) -> int:
     card = default_card()
-    q = build_query(args, card)
-    rec = recommend(q, card, availability_from_args(card, args.assume_installed))
+    rec = answer(args, card)
     if args.json:
         print(json.dumps(rec.to_dict(), indent=2, default=str))
     else:

@@ -14,8 +14,8 @@ from megatron_moe_probe.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.usage = ("moe-probe train [RECIPE[:VARIANT]] [--variant V] [--nproc-per-node N] [--nnodes M --node-rank R "
-               "--master-addr HOST [--master-port P]] [--dry-run] [-- MEGATRON ARGS...]")
+    p.usage = ("moe-probe train [RECIPE[:VARIANT]] [--variant V] [--dispatcher BACKEND] [--nproc-per-node N] "
+               "[--nnodes M --node-rank R --master-addr HOST [--master-port P]] [--dry-run] [-- MEGATRON ARGS...]")
     p.description = ("Megatron-Core pretraining (GPT/MoE) with the probe on, through torchrun. Give a recipe "
                      "(rendered with its --moe-probe* flags; Megatron args after -- are appended and win), or "
                      "only raw Megatron args after --.")
@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-addr", default=None, help="node 0's address (multi-node)")
     p.add_argument("--master-port", type=int, default=29500, help="node 0's port (multi-node; default 29500)")
     p.add_argument("--no-probe", action="store_true", help="leave out the recipe's --moe-probe* flags")
+    p.add_argument("--dispatcher", default=None, metavar="BACKEND",
+                   help="force the recipe's dispatcher (alltoall, allgather, deepep, hybridep, ncclep): one A/B cell")
     p.add_argument("--assume-installed", default=None, metavar="LIST",
                    help="resolve the recipe's `auto` dispatcher for another machine: comma list "
                         "(deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan = torchrun.plan_training(args.recipe, variant=args.variant, data_path=args.data_path,
                                   assume_installed=args.assume_installed, include_probe=not args.no_probe,
-                                  extra_args=args.megatron_args)
+                                  extra_args=args.megatron_args, dispatcher=args.dispatcher)
     cmd, nproc, nnodes = torchrun.torchrun_command(
         plan.megatron_args, recipe=args.recipe, variant=args.variant, nnodes=args.nnodes,
         nproc_per_node=args.nproc_per_node, node_rank=args.node_rank, master_addr=args.master_addr,

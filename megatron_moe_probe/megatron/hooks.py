@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe_probe import stats
+from megatron_moe_probe.megatron.runtime import layer_runtime
 from megatron_moe_probe.probe import ProbeLayout, RoutingProbe, Snapshot
 
 log = logging.getLogger("megatron_moe_probe")
@@ -53,8 +54,14 @@ def _in_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_CUDA = None  # torch.cuda.is_available(), asked once: the hook runs per router call
+
+
 def _stream_capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    global _CUDA
+    if _CUDA is None:
+        _CUDA = torch.cuda.is_available()
+    return _CUDA and torch.cuda.is_current_stream_capturing()
 
 
 def _graph_warmup_flag():
@@ -349,6 +356,7 @@ class MegatronProbe:
             topk=self.topk,
             gpus_per_node=self.layout.gpus_per_node,
             probe_enabled=self.enabled,
+            runtime_dispatchers=layer_runtime((b.slot + 1, b.dispatcher) for b in self.bindings),
         )
         return snap
 

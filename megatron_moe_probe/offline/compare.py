@@ -13,6 +13,10 @@ difference to the first run's (loss parity between dispatchers). They come from
 `RUN/megatron.log` (or the file `--log RUN=FILE` names; `train.jsonl` for `moe-probe demo`
 runs), and for a wandb run from the keys Megatron logs to wandb, which hold no memory.
 The probe's statistics are computed the same way for every kind of run (run_row.py).
+
+Runtime proof: a probe run records what its live MoE layers ran (`runtime_dispatchers`,
+megatron/runtime.py). A run whose requested backend did not run is an environment limit:
+its performance numbers move out of the comparison (`not_performance_data`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ from pathlib import Path
 
 from megatron_moe_probe import record
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.megatron.runtime import backends_that_ran, requested_backend
 from megatron_moe_probe.offline import wandb_source
 from megatron_moe_probe.offline.run_row import comparison_row, run_dispatcher
 from megatron_moe_probe.offline.train_log import TrainLog, read_train_jsonl, read_train_log
+from megatron_moe_probe.record import TIMING_STATS
+
+PERFORMANCE = ("ms_per_iter", "tflops_per_gpu", "max_allocated_mb", "final_lm_loss", *TIMING_STATS)
 
 
 def training_log(run: Path, explicit: Path | None = None) -> TrainLog | None:
@@ -38,13 +46,50 @@ def training_log(run: Path, explicit: Path | None = None) -> TrainLog | None:
     return None
 
 
+def runtime_check(meta: dict, reports: list) -> dict:
+    """Requested backend (meta.json) against what the live layers ran (the probe's
+    `runtime_dispatchers`, last report): {'requested', 'ran', 'runtime_proof', 'environment_limit'}."""
+    requested = requested_backend(meta)
+    records = next((r.meta.get("runtime_dispatchers") for r in reversed(reports) if r.meta.get("runtime_dispatchers")), None)
+    if not records:
+        return {"requested": requested, "ran": None, "runtime_proof": "none recorded", "environment_limit": None}
+    ran = backends_that_ran(records)
+    limit = None
+    if requested is not None and ran != [requested]:
+        limit = f"requested {requested}, ran {','.join(ran)}"
+    return {"requested": requested, "ran": ",".join(ran), "runtime_proof": "live modules",
+            "environment_limit": limit, "runtime_dispatchers": records}
+
+
+def mark_environment_limit(row: dict, reason: str) -> dict:
+    """A run whose requested backend did not run is an environment limit, never performance data:
+    its performance numbers move out of the comparison (kept under `not_performance_data`)."""
+    row["status"] = "environment limit"
+    row["environment_limit"] = reason
+    row["not_performance_data"] = {k: row[k] for k in PERFORMANCE if k in row}
+    for k in PERFORMANCE:
+        if k in row:
+            row[k] = math.nan
+    return row
+
+
 def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
-    """compare's row for a probe run folder."""
-    meta, reports = record.load_run(run)
-    identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
-                "data": meta.get("data")}
-    return comparison_row(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log,
-                          warmup)
+    """compare's row for a probe run folder (or a Megatron routing dump), with its runtime proof."""
+    from megatron_moe_probe.grouping import group_keys
+    from megatron_moe_probe.offline import megatron_dumps
+
+    meta, reports = megatron_dumps.load_if_dump(run) or record.load_run(run)
+    keys = group_keys(meta, environ={})
+    identity = {**keys, "dispatcher": run_dispatcher(meta) or keys["dispatcher"],
+                "ep": reports[-1].ep_size if reports else keys["ep"], "data": meta.get("data") or keys["data"]}
+    row = comparison_row(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log,
+                         warmup)
+    check = runtime_check(meta, reports)
+    row.update({k: v for k, v in check.items() if k != "environment_limit"})
+    row["status"] = "ok"
+    if check["environment_limit"]:
+        mark_environment_limit(row, check["environment_limit"])
+    return row
 
 
 def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,
@@ -64,5 +109,8 @@ def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_ti
     first_loss: dict[str, float] = {}
     for row, group in zip(rows, parity_groups or [""] * len(rows)):
         loss = row.get("final_lm_loss", math.nan)
+        if row.get("status") == "environment limit":
+            row["loss_delta_vs_first"] = math.nan  # not a reference for the others either
+            continue
         row["loss_delta_vs_first"] = loss - first_loss.setdefault(group, loss)
     return rows

@@ -5,6 +5,8 @@ GPU (Megatron pretraining through `moe-probe train`), targets are recipes:
         --iters 100 --repeat 2 --out runs/m1 [-- extra Megatron args for every cell]
 CPU (`moe-probe demo`: real Megatron MoE layers over gloo), the grid is EP x dispatcher x data:
     moe-probe matrix --demo --ep 2,4,8 --dispatcher alltoall,allgather --data text,mock --out runs/m2
+The matched dispatcher A/B that `moe-probe recommend` prints forces backends into every recipe:
+    moe-probe matrix RECIPE --dispatcher alltoall,deepep,hybridep --repeat 3 --out runs/ab -- BENCHMARK ARGS
 
 Each cell trains in its own process group into OUT/<cell>/ (the probe's local store and
 the training's own log). Its outcome goes to OUT/matrix.json the moment it ends, so an
@@ -13,6 +15,10 @@ A failed cell does not stop the others; the summary names it with the end of its
 the exit code is 1. Then `moe-probe compare` over the finished cells (table,
 OUT/compare.json, OUT/compare.png) and, with --repeat, the spread of step time between
 identical runs: the noise floor that a difference between dispatchers has to beat.
+
+A cell whose requested backend did not run (its import failed, or the probe's runtime proof
+names another backend) is an environment limit, not a failed or slow dispatcher: it is kept
+out of the performance comparison and listed under `environment_limits` in compare.json.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Cell:
     exit_code: int | None = None
     seconds: float | None = None
     extra: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # set for the cell's process: the wandb group and its keys
 
 
 def demo_cells(out: Path, eps: list[int], dispatchers: list[str], data: list[str], iters: int | None = None,
@@ -79,26 +86,60 @@ def demo_cells(out: Path, eps: list[int], dispatchers: list[str], data: list[str
 
 
 def recipe_cells(out: Path, targets: list[str], data: list[str], iters: int | None = None, repeat: int = 1,
-                 megatron_args: list[str] | None = None) -> list[Cell]:
-    """GPU cells (`moe-probe train`): recipe x data; `data` entries are `recipe` or dataset prefixes."""
+                 megatron_args: list[str] | None = None, dispatchers: list[str] | None = None,
+                 assume_installed: str | None = None) -> list[Cell]:
+    """GPU cells (`moe-probe train`): recipe x dispatcher x data; `data` entries are `recipe` or
+    dataset prefixes; `dispatchers` are backend ids forced in every recipe (None: the recipe's own);
+    `assume_installed` goes to every cell's `moe-probe train`."""
     from megatron_moe_probe import recipes
     from megatron_moe_probe.megatron.data import require_dataset
 
     if not targets:
         raise UsageError("name recipes to train (moe-probe render --list), or give --demo")
     # Loading each recipe now makes a typo fail before an hour of other cells, not after.
-    ep_of = {target: recipes.load_recipe(target).parallelism.ep for target in targets}
+    loaded = {target: recipes.load_recipe(target) for target in targets}
+    forced: list[str | None] = list(dispatchers) if dispatchers else [None]
+    for d in forced:
+        if d is not None:
+            recipes.with_dispatcher(next(iter(loaded.values())), d)  # an unknown backend fails here
     for prefix in data:
         if prefix != "recipe":
             require_dataset(prefix, "--data", "`recipe` means the recipe's own data")
+    assume = ["--assume-installed", assume_installed] if assume_installed is not None else []
     grid = []
-    for target, prefix in itertools.product(targets, data):
-        name = target.replace(":", "-").replace("/", "_") + ("" if prefix == "recipe" else f"-{Path(prefix).name}")
-        cmd = [*CLI, "train", target, *([] if prefix == "recipe" else ["--data-path", prefix]), "--",
+    for target, dispatcher, prefix in itertools.product(targets, forced, data):
+        name = target.replace(":", "-").replace("/", "_") + ("" if dispatcher is None else f"-{dispatcher}") + \
+            ("" if prefix == "recipe" else f"-{Path(prefix).name}")
+        cmd = [*CLI, "train", target, *([] if dispatcher is None else ["--dispatcher", dispatcher]), *assume,
+               *([] if prefix == "recipe" else ["--data-path", prefix]), "--",
                *(["--train-iters", str(iters)] if iters else []),
                *probe_flags(writers=["local"]), FLAGS["out_dir"]]
-        grid.append((name, {"recipe": target, "ep": ep_of[target], "data": prefix}, cmd, list(megatron_args or [])))
+        params = {"recipe": target, "ep": loaded[target].parallelism.ep, "data": prefix}
+        if dispatcher is not None:
+            params["dispatcher"] = dispatcher
+        grid.append((name, params, cmd, list(megatron_args or [])))
     return _with_repeats(grid, repeat, out, "megatron.log")
+
+
+def validate_recipe_cells(cells: list[Cell], assume_installed: str | None) -> list[str]:
+    """Render every recipe cell as `moe-probe train` would (recipe, forced dispatcher, availability
+    gate, data): a cell that cannot start fails here, before anything trains. Returns one line per cell."""
+    from megatron_moe_probe import recipes
+    from megatron_moe_probe.selection.availability import assumed, parse_backend_list, probe
+    from megatron_moe_probe.selection.card import default_card
+
+    card = default_card()
+    availability = probe(card) if assume_installed is None else assumed(card, parse_backend_list(assume_installed))
+    lines = []
+    for cell in cells:
+        r = recipes.load_recipe(cell.params["recipe"])
+        if cell.params.get("dispatcher"):
+            r = recipes.with_dispatcher(r, cell.params["dispatcher"])
+        resolved = recipes.resolve_dispatcher(r, availability)
+        recipes.render(r, resolved=resolved)
+        lines.append(f"## validated: dispatcher {resolved.backend}, world size {r.parallelism.world_size}"
+                     + "".join(f"; {k}={v}" for k, v in resolved.env.items()))
+    return lines
 
 
 def _with_repeats(grid: list[tuple[str, dict, list[str], list[str]]], repeat: int, out: Path,
@@ -111,6 +152,23 @@ def _with_repeats(grid: list[tuple[str, dict, list[str], list[str]]], repeat: in
             name = group if repeat == 1 else f"{group}-r{k}"
             cells.append(Cell(name, group, params, [*head, str(out / name), *tail], log_name))
     return cells
+
+
+def to_wandb(cells: list[Cell], group: str, demo: bool) -> None:
+    """Every cell also writes to wandb, into one group; its grid parameters become the grouping
+    keys (`moe_probe.group` in the run's config, grouping.py). The wandb variables are wandb's own,
+    so Megatron's own wandb run (GPU cells with --wandb-project) is grouped the same way."""
+    from megatron_moe_probe.grouping import GROUP_ENV, KEYS_ENV
+
+    flag = "--writers" if demo else FLAGS["writers"]
+    for cell in cells:
+        if flag in cell.command:
+            cell.command[cell.command.index(flag) + 1] = "local,wandb"
+        else:  # the demo's command has no --writers: before its `--out DIR`
+            cell.command[-2:-2] = [flag, "local,wandb"]
+        keys = {k: v for k, v in cell.params.items() if k in ("dispatcher", "ep", "data", "recipe")}
+        cell.env = {GROUP_ENV: group, KEYS_ENV: json.dumps({"group": group, **keys}), "WANDB_NAME": cell.name,
+                    "WANDB_JOB_TYPE": cell.group}
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -165,7 +223,8 @@ def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None)
     cell_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     with open(cell_dir / cell.log_name, "wb") as log:
-        proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **cell.env} if cell.env else None)
         cell.extra["pid"] = proc.pid  # also the cell's process group and session id
         cell.status = "running"
         try:
@@ -205,6 +264,34 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def import_failure(log: Path) -> str | None:
+    """The backend import error Megatron raised in a cell's log (the card's messages), or None:
+    such a cell is an environment limit, not a failed or slow dispatcher."""
+    from megatron_moe_probe.selection.card import default_card
+
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    for b in default_card().backends:
+        if b.import_error and b.import_error.split(". ")[0] in text:
+            return f"{b.label}: {b.import_error.split('. ')[0]}"
+    return None
+
+
+def mark_environment_limits(cells: list[Cell], out: Path) -> list[Cell]:
+    """Failed cells whose log shows a backend import failure get `extra['environment_limit']`;
+    returns those cells."""
+    limited = []
+    for cell in cells:
+        if cell.status != "ok":
+            limit = import_failure(out / cell.name / cell.log_name)
+            if limit:
+                cell.extra["environment_limit"] = limit
+                limited.append(cell)
+    return limited
+
+
 def log_tail(path: Path, lines: int = 6) -> str:
     try:
         text = path.read_text(errors="replace").rstrip().splitlines()
@@ -221,7 +308,8 @@ def stop_on_signals() -> None:
 
 def compare_cells(cells: list[Cell], out: Path, warmup: int) -> tuple[list[dict], list[dict]]:
     """compare's rows for the finished cells (with cell, group, params, seconds) and the repeat
-    spread; both written to OUT/compare.json."""
+    spread; both written to OUT/compare.json, with the environment limits (failed cells that
+    mark_environment_limits marked, and finished cells whose runtime proof names another backend)."""
     from megatron_moe_probe.offline.compare import compare
 
     done = [c for c in cells if c.status == "ok"]
@@ -231,8 +319,14 @@ def compare_cells(cells: list[Cell], out: Path, warmup: int) -> tuple[list[dict]
     rows = compare([out / c.name for c in done], {}, warmup, parity_groups=parity)
     for row, cell in zip(rows, done):
         row.update(cell=cell.name, group=cell.group, params=cell.params, seconds=cell.seconds)
+    limits = [{"cell": c.name, "group": c.group, "params": c.params, "status": "environment limit",
+               "environment_limit": c.extra["environment_limit"]}
+              for c in cells if c.status != "ok" and c.extra.get("environment_limit")]
+    limits += [{"cell": r["cell"], "group": r["group"], "params": r["params"], "status": "environment limit",
+                "environment_limit": r["environment_limit"]} for r in rows if r.get("status") == "environment limit"]
     spread = repeat_spread(rows)
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread}, indent=1, default=str))
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread,
+                                                  "environment_limits": limits}, indent=1, default=str))
     return rows, spread
 
 

@@ -1,6 +1,7 @@
 """The dispatcher-selection skill card: schema, loading, and SKILL.md table rendering.
 
-The card (`skills/perf-moe-dispatcher-selection/card.yaml`) is data; this module only
+The card (`megatron_moe_probe/resources/card.yaml`, copied byte for byte to
+`skills/perf-moe-dispatcher-selection/card.yaml`) is data; this module only
 validates it and offers lookups. The decision itself lives in the card's ordered
 `rules`; `recommend.py` evaluates them.
 
@@ -15,9 +16,9 @@ import re
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record import atomic_write_text
@@ -25,7 +26,9 @@ from megatron_moe_probe.yaml_io import package_data, read_yaml
 
 BackendId = Literal["alltoall", "allgather", "deepep", "hybridep", "ncclep"]
 BACKEND_IDS: tuple[str, ...] = ("alltoall", "allgather", "deepep", "hybridep", "ncclep")
-Source = Literal["seed", "seed-upstream", "megatron", "project"]
+Source = Literal["seed", "seed-upstream", "bridge", "megatron", "project"]
+# YYYY-MM or YYYY-MM-DD: comparable as strings, so "later evidence decides" is a string compare.
+Date = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}(-\d{2})?$")]
 
 # The card the code reads ships inside the package. The skill folder keeps a byte-identical
 # copy for agents that read the skill on its own (tests/test_layout.py checks the two match).
@@ -53,6 +56,7 @@ class NumSms(_Strict):
     harness: int | None = None
     sweep: list[int] | None = None
     source: Source
+    date: Date
 
 
 class Backend(_Strict):
@@ -71,6 +75,7 @@ class Backend(_Strict):
     when_to_use: list[str]
     notes: str | None = None
     source: Source
+    date: Date
     ref: str | None = None
 
     @model_validator(mode="after")
@@ -96,6 +101,7 @@ class PermuteFusion(_Strict):
     error_without: str
     note: str
     source: Source
+    date: Date
 
 
 class Hardware(_Strict):
@@ -106,6 +112,7 @@ class Hardware(_Strict):
     gpus_per_node: int | None
     gpu_names: list[str]
     source: Source
+    date: Date
     note: str | None = None
 
 
@@ -113,6 +120,8 @@ class EpClasses(_Strict):
     small_max: int
     large_min: int
     definitions: dict[Literal["none", "small", "medium", "large"], str]
+    source: Source
+    date: Date
 
 
 class ModelFamily(_Strict):
@@ -127,27 +136,51 @@ class Stage(_Strict):
     label: str
 
 
-class HardwareRow(_Strict):
+class Earlier(_Strict):
+    """What an older source said for the same table row (kept; the later row decides)."""
+    text: str
+    why: str | None = None
+    notes: str | None = None
+    source: Source
+    date: Date
+
+
+class Candidate(_Strict):
+    backend: BackendId
+    reason: str
+
+
+class _Dated(_Strict):
+    source: Source
+    date: Date
+    history: list[Earlier] = []
+
+    @model_validator(mode="after")
+    def _history_is_older(self):
+        for h in self.history:
+            if h.date > self.date:
+                raise ValueError(f"history row dated {h.date} is newer than the current row ({self.date})")
+        return self
+
+
+class HardwareRow(_Dated):
     row: str
-    first_choice: BackendId
+    hardware: list[str] = Field(min_length=1)
+    bring_up: BackendId
+    tuned: list[Candidate]                 # the candidate set, in the order to try
     text: str
     why: str
-    source: Source
 
 
-class EpRow(_Strict):
+class EpRow(_Dated):
     row: str
-    first_choice: BackendId
-    also: list[BackendId] = []
     text: str
-    source: Source
 
 
-class ModelRow(_Strict):
+class ModelRow(_Dated):
     row: str
     text: str
     notes: str
-    source: Source
 
 
 class Tables(_Strict):
@@ -170,39 +203,137 @@ class When(_Strict):
 class Rule(_Strict):
     id: str
     when: When
-    choose: BackendId
+    choose: BackendId                      # the lead candidate, not a winner
     also_measure: list[BackendId] = []
     why: str
     cites: list[str]
     source: Source
+    date: Date
+    superseded_by: str | None = None       # a newer rule id: this one is history, not applied
 
 
 class Pitfall(_Strict):
     id: str
     text: str
     source: Source
+    date: Date
 
 
 class Interaction(_Strict):
     feature: str
     text: str
     source: Source
+    date: Date
+    history: list[Earlier] = []
+
+
+class Limitation(_Strict):
+    text: str
+    source: Source
+    date: Date
+
+
+class Measured(_Strict):
+    id: str
+    role: Literal["winner", "recipe", "smoke"]
+    model: str                             # model family id
+    model_label: str
+    hardware: str
+    gpus: int = Field(ge=1)
+    tp: int = 1
+    cp: int = 1
+    ep: int = Field(ge=1)
+    pp: int = 1
+    vpp: int | None = None
+    backend: BackendId
+    precision: Literal["bf16", "fp8"]
+    precision_detail: str
+    tflops_per_gpu: float | None = None
+    tflops_approx: bool = False
+    step_time_s: float | None = None
+    mfu: str | None = None
+    num_sms: int | None = None
+    ep_overlap: bool = False
+    note: str | None = None
+    source: Source
+    date: Date
+    ref: str | None = None
+
+    @property
+    def parallelism(self) -> str:
+        return " ".join([f"TP{self.tp}", f"CP{self.cp}", f"EP{self.ep}", f"PP{self.pp}"]
+                        + ([f"VPP{self.vpp}"] if self.vpp else []))
+
+
+class IsolatedEffect(_Strict):
+    id: str
+    model: str
+    hardware: str
+    gpus: int
+    effect: str
+    tflops_before: float
+    tflops_after: float
+    note: str
+    source: Source
+    date: Date
+
+
+class Tuning(_Strict):
+    name: str
+    backend: BackendId | None = None
+    kind: Literal["sms", "env", "flag"] = "sms"
+    default: str | None = None             # SM defaults are in backends[].num_sms, not here
+    recommended: str
+    rationale: str
+    megatron_note: str | None = None
+    source: Source
+    date: Date
+
+
+class MaxConnWhen(_Strict):
+    ep_overlap: bool | None = None
+    cuda_graphs: bool | None = None
+    model_parallel: bool | None = None     # TP > 1 or CP > 1
+    arch: list[str] | None = None
+
+
+class MaxConnRow(_Strict):
+    id: str
+    when: MaxConnWhen
+    value: str
+    why: str
+    source: Source
+    date: Date
+    ref: str | None = None
+
+
+class AbPlan(_Strict):
+    iters: int = Field(ge=1)
+    warmup: int = Field(ge=0)
+    repeat: int = Field(ge=1)
+    benchmark_args: list[str]
+    held_fixed: list[str]
+    disclosure: str
+    source: Source
+    date: Date
 
 
 class Evidence(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)
     id: str
     source: Source
+    date: Date
     what: str
     model: str
 
 
 class Card(_Strict):
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     name: str
     description: str
     when_to_use: str
-    validated_on: str
+    validated_on: Date
+    validated_against_bridge: Date
     validated_against: str
     provenance: dict[str, Any]
     backends: list[Backend]
@@ -211,6 +342,7 @@ class Card(_Strict):
     flex_num_sms_deprecated_flags: list[str]
     permute_fusion: PermuteFusion
     fallback: dict[BackendId, BackendId | None]
+    cuda_device_max_connections: list[MaxConnRow]
     hardware: list[Hardware]
     ep_classes: EpClasses
     model_families: list[ModelFamily]
@@ -218,8 +350,13 @@ class Card(_Strict):
     precisions: list[Literal["bf16", "fp8"]]
     tables: Tables
     rules: list[Rule] = Field(min_length=1)
+    measured: list[Measured]
+    isolated_effects: list[IsolatedEffect]
+    tuning: list[Tuning]
+    ab_plan: AbPlan
     pitfalls: list[Pitfall]
     interactions: list[Interaction]
+    known_limitations: list[Limitation]
     evidence: list[Evidence]
 
     @model_validator(mode="after")
@@ -239,11 +376,29 @@ class Card(_Strict):
         row_names = {f"by_hardware:{r.row}" for r in self.tables.by_hardware}
         row_names |= {f"by_ep:{r.row}" for r in self.tables.by_ep}
         row_names |= {f"by_model:{r.row}" for r in self.tables.by_model}
+        covered = [h for r in self.tables.by_hardware for h in r.hardware]
+        for h in covered:
+            if h not in hw_ids:
+                raise ValueError(f"tables.by_hardware names unknown hardware {h!r}; allowed: {sorted(hw_ids)}")
+        if sorted(covered) != sorted(hw_ids):
+            raise ValueError(f"tables.by_hardware must name every hardware id exactly once: {sorted(hw_ids)}, got {sorted(covered)}")
+        for m in self.measured:
+            if m.hardware not in hw_ids or m.model not in fam_ids:
+                raise ValueError(f"measured row {m.id!r}: unknown hardware {m.hardware!r} or model family {m.model!r}")
+            if m.role == "winner" and m.tflops_per_gpu is None:
+                raise ValueError(f"measured row {m.id!r}: a winner needs tflops_per_gpu")
+        by_id = {r.id: r for r in self.rules}
         seen: set[str] = set()
         for rule in self.rules:
             if rule.id in seen:
                 raise ValueError(f"duplicate rule id {rule.id!r}")
             seen.add(rule.id)
+            if rule.superseded_by is not None:
+                newer = by_id.get(rule.superseded_by)
+                if newer is None or newer.superseded_by is not None:
+                    raise ValueError(f"rule {rule.id!r} is superseded by {rule.superseded_by!r}, which is not a current rule")
+                if newer.date <= rule.date:
+                    raise ValueError(f"rule {rule.id!r} ({rule.date}) is superseded by an older or same-dated rule {newer.id!r} ({newer.date}): the later evidence decides")
             for h in rule.when.hardware or []:
                 if h not in hw_ids:
                     raise ValueError(f"rule {rule.id!r}: unknown hardware {h!r}; allowed: {sorted(hw_ids)}")
@@ -313,6 +468,16 @@ class Card(_Strict):
                 return fam
         raise KeyError(fam_id)
 
+    @property
+    def current_rules(self) -> list[Rule]:
+        return [r for r in self.rules if r.superseded_by is None]
+
+    def hardware_row(self, hw_id: str) -> HardwareRow:
+        for r in self.tables.by_hardware:
+            if hw_id in r.hardware:
+                return r
+        raise KeyError(hw_id)
+
     def table_row(self, ref: str) -> HardwareRow | EpRow | ModelRow:
         table, _, row = ref.partition(":")
         for r in getattr(self.tables, table):
@@ -366,25 +531,54 @@ def _label(card: Card, backend_id: str) -> str:
     return f"`{b.id}`" if b.dispatcher_type != "flex" else b.label
 
 
+def _src(source: str, date: str) -> str:
+    return f"{source}, {date}"
+
+
+def _earlier(history: list[Earlier]) -> str:
+    return "; ".join(f"{h.text} ({_src(h.source, h.date)})" for h in history) or "-"
+
+
 def skill_tables(card: Card) -> dict[str, str]:
     """Markdown for each generated SKILL.md section, keyed by marker name."""
     out: dict[str, str] = {}
-    rows = ["| Hardware | First choice | Why |", "|---|---|---|"]
-    rows += [f"| {r.row} | {r.text} | {r.why} |" for r in card.tables.by_hardware]
+    rows = ["| Hardware | Bring-up path | Tuned candidates | Why | Source | Earlier |", "|---|---|---|---|---|---|"]
+    for r in card.tables.by_hardware:
+        tuned = ", ".join(_label(card, c.backend) for c in r.tuned)
+        rows.append(f"| {r.row} | {_label(card, r.bring_up)} | {tuned}: {r.text} | {r.why} | {_src(r.source, r.date)} | {_earlier(r.history)} |")
     out["by_hardware"] = "\n".join(rows)
-    rows = ["| EP size | Guidance |", "|---|---|"]
-    rows += [f"| {r.row} | {r.text} |" for r in card.tables.by_ep]
+    rows = ["| EP size | Guidance | Source | Earlier |", "|---|---|---|---|"]
+    rows += [f"| {r.row} | {r.text} | {_src(r.source, r.date)} | {_earlier(r.history)} |" for r in card.tables.by_ep]
     defs = card.ep_classes.definitions
     rows += ["", "EP classes as this card computes them: " + "; ".join(f"**{k}**: {v}" for k, v in defs.items()) + "."]
     out["by_ep"] = "\n".join(rows)
-    rows = ["| Workload | Common best path | Notes |", "|---|---|---|"]
-    rows += [f"| {r.row} | {r.text} | {r.notes} |" for r in card.tables.by_model]
+    rows = ["| Workload | Common best path | Notes | Source | Earlier |", "|---|---|---|---|---|"]
+    rows += [f"| {r.row} | {r.text} | {r.notes} | {_src(r.source, r.date)} | {_earlier(r.history)} |" for r in card.tables.by_model]
     out["by_model"] = "\n".join(rows)
-    rows = ["| # | Rule | When | Choose | Also measure |", "|---|---|---|---|---|"]
+    rows = ["| Model | Hardware | Dispatcher | Precision | TFLOP/s/GPU | Step time | Parallelism | Role | Source | Note |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in card.measured:
+        tf = "-" if m.tflops_per_gpu is None else ("~" if m.tflops_approx else "") + f"{m.tflops_per_gpu:g}"
+        st = "-" if m.step_time_s is None else f"{m.step_time_s:g} s"
+        rows.append(f"| {m.model_label} | {m.gpus}×{m.hardware} | {_label(card, m.backend)} | {m.precision_detail} | {tf} | {st} "
+                    f"| {m.parallelism} | {m.role} | {_src(m.source, m.date)} | {m.note or (m.mfu and 'MFU ' + m.mfu) or '-'} |")
+    out["measured"] = "\n".join(rows)
+    rows = ["| Parameter | Default | Recommended | Why | Source |", "|---|---|---|---|---|"]
+    for tp in card.tuning:
+        default = tp.default
+        if default is None and tp.backend is not None and card.backend(tp.backend).num_sms is not None:
+            default = str(card.backend(tp.backend).num_sms.default)
+        rows.append(f"| `{tp.name}` | {default or '-'} | {tp.recommended} | {tp.rationale} | {_src(tp.source, tp.date)} |")
+    for mc in card.cuda_device_max_connections:
+        cond = ", ".join(f"{k}={_fmt(v)}" for k, v in mc.when.model_dump(exclude_none=True).items())
+        rows.append(f"| `CUDA_DEVICE_MAX_CONNECTIONS={mc.value}` | - | when {cond} | {mc.why} | {_src(mc.source, mc.date)} |")
+    out["tuning"] = "\n".join(rows)
+    rows = ["| # | Rule | When | Lead candidate | Also measure | Source | Status |", "|---|---|---|---|---|---|---|"]
     for i, rule in enumerate(card.rules, 1):
         cond = ", ".join(f"{k}={_fmt(v)}" for k, v in rule.when.model_dump(exclude_none=True).items())
         also = ", ".join(_label(card, b) for b in rule.also_measure) or "-"
-        rows.append(f"| {i} | `{rule.id}` | {cond} | {_label(card, rule.choose)} | {also} |")
+        status = f"superseded by `{rule.superseded_by}`" if rule.superseded_by else "current"
+        rows.append(f"| {i} | `{rule.id}` | {cond} | {_label(card, rule.choose)} | {also} | {_src(rule.source, rule.date)} | {status} |")
     out["rules"] = "\n".join(rows)
     rows = ["| Backend | Megatron-LM flags | Megatron-Bridge overrides | Needs (import) | Fallback |", "|---|---|---|---|---|"]
     for b in card.backends:
@@ -398,7 +592,8 @@ def skill_tables(card: Card) -> dict[str, str]:
         fb = card.fallback[b.id]
         rows.append(f"| {_label(card, b.id)} | `{flags}` | `{bridge}` | {needs} | {_label(card, fb) if fb else '-'} |")
     out["backends"] = "\n".join(rows)
-    out["pitfalls"] = "\n".join(f"{i}. {p.text}" for i, p in enumerate(card.pitfalls, 1))
+    out["pitfalls"] = "\n".join(f"{i}. {p.text} ({_src(p.source, p.date)})" for i, p in enumerate(card.pitfalls, 1))
+    out["limitations"] = "\n".join(f"- {lim.text} ({_src(lim.source, lim.date)})" for lim in card.known_limitations)
     return out
 
 

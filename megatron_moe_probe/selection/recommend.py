@@ -1,22 +1,35 @@
-"""Which MoE token dispatcher to use, why, and its exact flags (`moe-probe recommend`: commands/recommend.py).
+"""The dispatcher decision: candidates, a measured winner or the A/B that decides, final flags.
 
-The decision is the skill card's ordered rules (first match wins); this module builds
-the facts the rules test (hardware, EP class, topology, model family, stage, precision),
-applies the availability gate, and renders the flags. It never restates the card.
+`recommend(Query)` is pure: it reads the skill card, applies the availability gate and
+returns a `Recommendation` whose flags are final (permute fusion on/off, SM count,
+CUDA_DEVICE_MAX_CONNECTIONS, HybridEP's ranks per NVLink domain), so callers such as
+the recipes only ask and never edit them. It never restates the card and never imports
+the recipes; the `moe-probe recommend` command (arguments, recipes, text, JSON) lives in
+`commands/recommend.py`.
+
+Order of the answer, as the card says ("Hardware narrows the candidate set; it does not
+select the winner"):
+  1. EP=1 or bring-up: the bring-up path of the hardware row.
+  2. A measured winner for the same model, hardware, GPU count and EP: named first.
+  3. Otherwise the current (not superseded) card rule names the lead candidate and the
+     matched A/B of the installed candidates decides.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import Availability, probe
-from megatron_moe_probe.selection.card import BACKEND_IDS, Card, Rule, default_card
+from megatron_moe_probe.selection.card import BACKEND_IDS, Card, Measured, Rule, default_card
+
+Decision = Literal["forced", "ep-one", "bring-up", "measured-winner", "ab-decides"]
 
 
 @dataclass(frozen=True)
 class Query:
+    """The typed request: the facts the card tests plus the knobs that make the flags final."""
     hardware: str                    # card hardware id
     ep: int
     model: str = "other"             # card model-family id
@@ -28,7 +41,19 @@ class Query:
     memory_tight: bool = False
     num_experts: int | None = None
     tp: int = 1
+    cp: int = 1
     force: str | None = None         # a backend id forced by the user/recipe
+    permute_fusion: str = "auto"     # auto (the gate decides), on (error when unavailable), off
+    num_sms: int | None = None       # flex SM count; None: the card's default for the backend
+    ep_overlap: bool = False         # --overlap-moe-expert-parallel-comm
+    cuda_graphs: bool = False
+
+    @property
+    def world(self) -> int | None:
+        return None if self.gpus_per_node is None else self.gpus_per_node * self.nodes
+
+
+DispatcherRequest = Query
 
 
 @dataclass
@@ -49,33 +74,73 @@ class FlagSet:
         }
 
 
+@dataclass(frozen=True)
+class CandidateInfo:
+    backend: str
+    reason: str
+    installed: bool
+    role: str                        # 'baseline' (bring-up path) or 'candidate'
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 @dataclass
 class Recommendation:
     query: Query
     ep_class: str
     topology: str
-    rule: Rule | None                # None when forced
+    decision: Decision
+    rule: Rule | None                # the lead-candidate rule; None when forced or a winner decided
     first_choice: str
     first_choice_available: bool
     use: str                         # what to run now (first choice, or its fallback)
     fallback: str | None
-    also_measure: list[str]
+    bring_up: str
+    candidates: list[CandidateInfo]
+    winner: Measured | None
+    evidence: list[Measured]
+    history: list[Rule]              # superseded rules that would have matched
     other_matching_rules: list[Rule]
     flags: dict[str, FlagSet]        # keyed by backend id: first choice and fallback
     availability: Availability
     warnings: list[str] = field(default_factory=list)
     cited_rows: list[str] = field(default_factory=list)
+    plan: dict | None = None         # the A/B plan (selection/plan.py), when asked for
 
     @property
     def fallback_used(self) -> bool:
         return self.use != self.first_choice
 
+    @property
+    def also_measure(self) -> list[str]:
+        return [c.backend for c in self.candidates if c.role == "candidate" and c.backend != self.first_choice]
+
+    @property
+    def ab_backends(self) -> list[str]:
+        """The installed backends the A/B runs: the bring-up baseline first, then the candidates."""
+        return [c.backend for c in self.candidates if c.installed]
+
     def to_dict(self) -> dict:
+        if self.decision == "forced":
+            decided = {"rule": "forced", "why": "backend forced by the user", "source": "user"}
+        elif self.decision == "measured-winner":
+            decided = {"rule": f"measured:{self.winner.id}", "why": "measured winner for this model, hardware and scale",
+                       "source": self.winner.source, "date": self.winner.date}
+        else:
+            decided = {"rule": self.rule.id, "why": self.rule.why, "source": self.rule.source, "date": self.rule.date}
         return {
             "query": self.query.__dict__,
             "ep_class": self.ep_class,
             "topology": self.topology,
-            "decided_by": {"rule": self.rule.id, "why": self.rule.why, "source": self.rule.source} if self.rule else {"rule": "forced", "why": "backend forced by the user", "source": "user"},
+            "decision": self.decision,
+            "decided_by": decided,
+            "bring_up": self.bring_up,
+            "winner": measured_dict(self.winner) if self.winner else None,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "evidence": [measured_dict(m) for m in self.evidence],
+            "history": [{"rule": r.id, "choose": r.choose, "why": r.why, "source": r.source, "date": r.date,
+                         "superseded_by": r.superseded_by} for r in self.history],
             "cited_rows": self.cited_rows,
             "other_matching_rules": [{"rule": r.id, "choose": r.choose} for r in self.other_matching_rules],
             "first_choice": self.first_choice,
@@ -86,8 +151,17 @@ class Recommendation:
             "also_measure": self.also_measure,
             "flags": {k: v.to_dict() for k, v in self.flags.items()},
             "availability": self.availability.to_dict(),
+            "plan": self.plan,
             "warnings": self.warnings,
         }
+
+
+def measured_dict(m: Measured) -> dict:
+    return {"id": m.id, "role": m.role, "model": m.model, "model_label": m.model_label, "hardware": m.hardware,
+            "gpus": m.gpus, "ep": m.ep, "parallelism": m.parallelism, "backend": m.backend,
+            "precision": m.precision_detail, "tflops_per_gpu": m.tflops_per_gpu, "tflops_approx": m.tflops_approx,
+            "step_time_s": m.step_time_s, "num_sms": m.num_sms, "note": m.note, "source": m.source, "date": m.date,
+            "ref": m.ref}
 
 
 def _ov(v: Any) -> str:
@@ -146,8 +220,12 @@ def validate_query(card: Card, q: Query) -> None:
         raise UsageError(f"unknown precision {q.precision!r}; allowed: {', '.join(card.precisions)}")
     if q.ep < 1:
         raise UsageError(f"--ep must be >= 1 (got {q.ep})")
-    if q.tp < 1:
-        raise UsageError(f"--tp must be >= 1 (got {q.tp})")
+    if q.tp < 1 or q.cp < 1:
+        raise UsageError(f"--tp and --cp must be >= 1 (got TP={q.tp}, CP={q.cp})")
+    if q.permute_fusion not in ("auto", "on", "off"):
+        raise UsageError(f"unknown permute_fusion {q.permute_fusion!r}; allowed: auto, on, off")
+    if q.num_sms is not None and q.num_sms < 1:
+        raise UsageError(f"num_sms must be >= 1 (got {q.num_sms})")
     if q.gpus_per_node is not None:
         world = q.gpus_per_node * q.nodes
         if q.ep > world:
@@ -168,34 +246,79 @@ def validate_query(card: Card, q: Query) -> None:
 
 # -- flags ------------------------------------------------------------------------
 
+def ranks_per_nvlink_domain(ep: int, nvlink_domain: int | None) -> int:
+    """The EP ranks in one NVLink domain: the largest divisor of EP that fits in a domain
+    (the EP group splits evenly over domains; EP itself when the domain is unknown)."""
+    if nvlink_domain is None or ep <= nvlink_domain:
+        return ep
+    return max(d for d in range(1, nvlink_domain + 1) if ep % d == 0)
+
+
+def max_connections(card: Card, q: Query) -> tuple[str, str] | None:
+    """(value, why) of the card's first CUDA_DEVICE_MAX_CONNECTIONS row that matches, or None."""
+    arch = card.hardware_entry(q.hardware).arch
+    facts = {"ep_overlap": q.ep_overlap, "cuda_graphs": q.cuda_graphs, "model_parallel": q.tp > 1 or q.cp > 1}
+    for row in card.cuda_device_max_connections:
+        w = row.when
+        if all(getattr(w, k) is None or getattr(w, k) == v for k, v in facts.items()) and (w.arch is None or arch in w.arch):
+            return row.value, row.why
+    return None
+
+
 def flag_set(card: Card, backend_id: str, q: Query, availability: Availability) -> FlagSet:
+    """The final flags for one backend: nothing for the caller to add, drop or rewrite."""
     b = card.backend(backend_id)
     mlm = list(b.megatron_lm_flags)
     bridge: dict[str, Any] = dict(b.bridge_overrides)
-    if b.num_sms is not None and b.num_sms.default > 0:
-        mlm += [card.flex_num_sms_flag, str(b.num_sms.default)]
-        bridge[card.flex_num_sms_bridge_key] = b.num_sms.default
+    if b.dispatcher_type == "flex":
+        sms = q.num_sms if q.num_sms is not None else (b.num_sms.default if b.num_sms and b.num_sms.default > 0 else None)
+        if sms is not None:
+            mlm += [card.flex_num_sms_flag, str(sms)]
+            bridge[card.flex_num_sms_bridge_key] = sms
     pf = card.permute_fusion
-    if availability.permute_fusion:
+    fusion = {"auto": availability.permute_fusion, "on": True, "off": False}[q.permute_fusion]
+    if fusion:
         mlm.append(pf.flag)
-    bridge[pf.bridge_key] = availability.permute_fusion
+    bridge[pf.bridge_key] = fusion
     env: dict[str, str] = {}
     if "NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN" in b.env:
-        ranks = q.ep if q.nvlink_domain is None else min(q.ep, q.nvlink_domain)
-        env["NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN"] = str(ranks)
+        env["NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN"] = str(ranks_per_nvlink_domain(q.ep, q.nvlink_domain))
+    conn = max_connections(card, q)
+    if conn is not None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = conn[0]
     return FlagSet(backend_id, mlm, bridge, env, b.bridge_perf_harness)
 
 
 # -- the decision -----------------------------------------------------------------
+
+def find_winner(card: Card, q: Query) -> Measured | None:
+    """The measured winner for the same model, hardware, precision, GPU count and EP."""
+    for m in card.measured:
+        if (m.role == "winner" and m.model == q.model and m.hardware == q.hardware and m.ep == q.ep
+                and m.precision == q.precision and (q.world is None or m.gpus == q.world)):
+            return m
+    return None
+
+
+def evidence_rows(card: Card, q: Query) -> list[Measured]:
+    """Measured rows that bear on the query: same model and hardware first, then same model, then same hardware."""
+    same = lambda m: (m.model == q.model, m.hardware == q.hardware)  # noqa: E731
+    rows = [m for m in card.measured if any(same(m))]
+    return sorted(rows, key=lambda m: (not all(same(m)), m.model != q.model))
+
 
 def recommend(q: Query, card: Card | None = None, availability: Availability | None = None) -> Recommendation:
     card = card or default_card()
     validate_query(card, q)
     availability = availability or probe(card)
     hw = card.hardware_entry(q.hardware)
+    hw_row = card.hardware_row(q.hardware)
     facts = {"nvl72": hw.nvl72, "ep_class": ep_class(card, q.ep, q.nvlink_domain)}
-    matching = [r for r in card.rules if rule_matches(r, q, facts)]
+    matching = [r for r in card.current_rules if rule_matches(r, q, facts)]
+    history = [r for r in card.rules if r.superseded_by is not None and rule_matches(r, q, facts)]
     warnings: list[str] = []
+    winner = None
+    rule: Rule | None = None
 
     if q.force is not None:
         status = availability.backends[q.force]
@@ -206,17 +329,47 @@ def recommend(q: Query, card: Card | None = None, availability: Availability | N
             )
         if q.force in ("deepep", "ncclep") and q.tp * q.ep <= 1:
             raise UsageError(f"backend {q.force!r} needs tensor-parallel x expert-parallel > 1 (Megatron asserts); got TP={q.tp}, EP={q.ep}")
-        rule, first = None, q.force
-        also: list[str] = []
-        others = matching
+        decision, first, others = "forced", q.force, matching
         if matching and matching[0].choose != q.force:
-            warnings.append(f"forced {q.force!r}; the card's rule {matching[0].id!r} would choose {matching[0].choose!r}")
+            warnings.append(f"forced {q.force!r}; the card's rule {matching[0].id!r} would lead with {matching[0].choose!r}")
     else:
         if not matching:  # the card ends with catch-all hardware rules; reaching here is a card bug
             raise UsageError(f"no card rule matches {q}; the card needs a catch-all rule")
-        rule, first = matching[0], matching[0].choose
-        also = list(rule.also_measure)
-        others = matching[1:]
+        rule, others = matching[0], matching[1:]
+        if q.ep == 1:
+            decision, first = "ep-one", rule.choose
+        elif q.stage == "bring-up":
+            decision, first = "bring-up", hw_row.bring_up
+        else:
+            winner = find_winner(card, q)
+            if winner is not None:
+                decision, first = "measured-winner", winner.backend
+            else:
+                decision, first = "ab-decides", rule.choose
+
+    # Candidates: the bring-up baseline, then (performance) the lead, the hardware row's tuned set and the rule's extras.
+    reasons: dict[str, str] = {}
+    if decision in ("measured-winner", "ab-decides", "forced") and q.ep > 1:
+        if winner is not None:
+            reasons[winner.backend] = f"measured winner: {winner.model_label} on {winner.gpus}×{winner.hardware}, " \
+                                      f"{winner.tflops_per_gpu:g} TFLOP/s/GPU ({winner.source}, {winner.date})"
+        elif rule is not None and rule.choose != hw_row.bring_up:
+            reasons[rule.choose] = f"lead candidate, card rule '{rule.id}' ({rule.source}, {rule.date}): {rule.why}"
+        for c in hw_row.tuned:
+            reasons.setdefault(c.backend, f"{hw_row.row} candidate ({hw_row.source}, {hw_row.date}): {c.reason}")
+        for b in (rule.also_measure if rule else []):
+            reasons.setdefault(b, f"also measure, card rule '{rule.id}' ({rule.source}, {rule.date})")
+        if q.force is not None:
+            reasons.setdefault(q.force, "forced by the user")
+    base = hw_row.bring_up
+    cands = [CandidateInfo(base, f"bring-up path and correctness baseline ({hw_row.source}, {hw_row.date})",
+                           availability.is_available(base), "baseline")]
+    for b, why in reasons.items():
+        if b == base:
+            continue
+        if b in ("deepep", "ncclep") and q.tp * q.ep <= 1:
+            continue
+        cands.append(CandidateInfo(b, why, availability.is_available(b), "candidate"))
 
     first_ok = availability.is_available(first)
     fb = card.fallback[first]
@@ -230,97 +383,33 @@ def recommend(q: Query, card: Card | None = None, availability: Availability | N
             f"use the fallback `{fb}` now and record the missing package as an environment limitation, "
             "not as performance data"
         )
-    for m in also:
-        if not availability.is_available(m):
-            warnings.append(f"also-measure candidate {card.backend(m).label} is not installed here")
-    if card.backend(use).flex_backend in ("deepep", "ncclep") and q.tp * q.ep <= 1:
-        warnings.append(f"{use} needs TP x EP > 1")
-    flags = {first: flag_set(card, first, q, availability)}
+    for c in cands:
+        if c.role == "candidate" and not c.installed and c.backend != first:
+            warnings.append(f"candidate {card.backend(c.backend).label} is not installed here: left out of the A/B "
+                            "(an environment limitation)")
+    if q.num_sms is not None and card.backend(use).dispatcher_type != "flex":
+        raise UsageError(f"num_sms only applies to flex backends, resolved backend is {use!r}")
+    if q.permute_fusion == "on" and not availability.permute_fusion:
+        raise UsageError(f"permute fusion is 'on' but {availability.permute_fusion_detail}")
+    # A measured winner's SM count is its measured setting (unless the request sets one).
+    q_first = replace(q, num_sms=winner.num_sms) if winner and winner.num_sms and q.num_sms is None else q
+    flags = {first: flag_set(card, first, q_first, availability)}
     if fb is not None:
         flags[fb] = flag_set(card, fb, q, availability)
-    if not availability.permute_fusion:
+    if q.permute_fusion == "auto" and not availability.permute_fusion:
         warnings.append(f"permute fusion off: {availability.permute_fusion_detail}")
-    cited = list(rule.cites) if rule else []
+    for r in history[:1]:  # the most specific earlier rule; the rest are in `history`
+        newer = next(x for x in card.rules if x.id == r.superseded_by)
+        if r.choose != first:
+            warnings.append(f"earlier evidence: rule '{r.id}' ({r.source}, {r.date}) said {card.backend(r.choose).label}; "
+                            f"superseded by '{newer.id}' ({newer.source}, {newer.date})")
+    cited = list(rule.cites) if rule and decision != "forced" else []
     return Recommendation(
-        query=q,
-        ep_class=facts["ep_class"],
-        topology=topology_label(card, q),
-        rule=rule,
-        first_choice=first,
-        first_choice_available=first_ok,
-        use=use,
-        fallback=fb,
-        also_measure=also,
-        other_matching_rules=others,
-        flags=flags,
-        availability=availability,
-        warnings=warnings,
-        cited_rows=cited,
+        query=q, ep_class=facts["ep_class"], topology=topology_label(card, q), decision=decision,
+        rule=rule if decision != "forced" else None, first_choice=first, first_choice_available=first_ok,
+        use=use, fallback=fb, bring_up=base, candidates=cands, winner=winner, evidence=evidence_rows(card, q),
+        history=history, other_matching_rules=others, flags=flags, availability=availability,
+        warnings=warnings, cited_rows=cited,
     )
 
 
-# -- text rendering ---------------------------------------------------------------
-
-def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
-    q = rec.query
-    L: list[str] = []
-    label = lambda b: card.backend(b).label  # noqa: E731
-    L.append(f"Dispatcher: {label(rec.use)}" + ("" if not rec.fallback_used else f"   (first choice {label(rec.first_choice)} is NOT INSTALLED: fallback)"))
-    L.append(f"  first choice : {label(rec.first_choice)}  [{'installed' if rec.first_choice_available else 'NOT INSTALLED'}]")
-    if rec.fallback:
-        L.append(f"  fallback     : {label(rec.fallback)}  (used when {label(rec.first_choice)} is not installed)")
-    if rec.also_measure:
-        L.append(f"  also measure : {', '.join(label(b) for b in rec.also_measure)}")
-    L.append("")
-    L.append("Why")
-    L.append(
-        f"  inputs: hardware={q.hardware} ep={q.ep} ({rec.ep_class} EP, {rec.topology}) model={q.model} "
-        f"stage={q.stage} precision={q.precision}" + (" memory-tight" if q.memory_tight else "")
-        + (f" nodes={q.nodes} gpus/node={q.gpus_per_node}" if q.gpus_per_node else "")
-        + (f" nvlink-domain={q.nvlink_domain}" if q.nvlink_domain else "")
-    )
-    if rec.rule is None:
-        L.append(f"  forced: --backend {q.force}")
-    else:
-        L.append(f"  decided by card rule '{rec.rule.id}' [{rec.rule.source}]: {rec.rule.why}")
-        for ref in rec.cited_rows:
-            row = card.table_row(ref)
-            text = getattr(row, "text", "")
-            L.append(f"    seed table row {ref}: {text}")
-    for r in rec.other_matching_rules[:4]:
-        agree = "agrees" if r.choose == rec.first_choice else f"would choose {label(r.choose)}"
-        L.append(f"  also matches '{r.id}' ({agree})")
-    L.append("")
-    L.append("Availability gate (" + rec.availability.source + ")")
-    for b in (rec.first_choice, rec.fallback, *rec.also_measure):
-        if b is None:
-            continue
-        st = rec.availability.backends[b]
-        L.append(f"  {label(b):28s} {'ok' if st.available else 'MISSING'}  {st.detail}")
-    L.append(f"  {'permute fusion':28s} {'ok' if rec.availability.permute_fusion else 'off'}  {rec.availability.permute_fusion_detail}")
-    for b, fs in rec.flags.items():
-        L.append("")
-        tag = "first choice" if b == rec.first_choice else "fallback"
-        L.append(f"Flags for {label(b)} ({tag})")
-        L.append("  Megatron-LM    : " + " ".join(fs.megatron_lm))
-        L.append("  Megatron-Bridge: " + " ".join(f"{k}={_ov(v)}" for k, v in fs.bridge.items()))
-        if fs.bridge_perf_harness:
-            L.append("  Bridge perf    : " + fs.bridge_perf_harness)
-        for k, v in fs.env.items():
-            L.append(f"  env            : {k}={v}")
-    if rec.warnings:
-        L.append("")
-        L.append("Warnings")
-        L.extend(f"  ! {w}" for w in rec.warnings)
-    if rec.fallback_used or explain:
-        L.append("")
-        L.append("Pitfalls" if explain else "Pitfall")
-        for p in card.pitfalls:
-            if explain or p.id == "import-failure":
-                L.append(f"  - {p.text}")
-    if explain:
-        L.append("")
-        L.append("Recorded evidence")
-        for e in card.evidence:
-            L.append(f"  - {e.id} [{e.source}]: {e.what} ({e.model})")
-    return "\n".join(L)
