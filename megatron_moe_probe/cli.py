@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recommend": ("megatron_moe_probe.commands.recommend", "which token dispatcher to use, and its flags"),
     "compare": ("megatron_moe_probe.commands.compare", "compare runs: step time, TFLOP/s, memory, loss parity, routing"),
     "analyze": ("megatron_moe_probe.commands.analyze", "analyse a run: EP what-if, bands, placement, all-to-all cost, vs another run"),
+    "import": ("megatron_moe_probe.commands.import_dump",
+               "turn Megatron's own routing dumps (RouterTracer, tokens per expert) into a probe run folder"),
     "render": ("megatron_moe_probe.commands.render", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
     "train": ("megatron_moe_probe.commands.train", "Megatron-Core pretraining with the probe on, through torchrun (needs GPUs)"),
     "matrix": ("megatron_moe_probe.commands.matrix", "train a grid of runs (recipes on GPU, or the CPU demo), then compare them"),

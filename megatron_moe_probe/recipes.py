@@ -170,7 +170,10 @@ class Training(_Strict):
     log_interval: int = Field(10, ge=1)
     eval_iters: int = 0
     eval_interval: int = 1000
-    transformer_impl: Literal["transformer_engine", "local"] = "transformer_engine"
+    # "auto": transformer_engine where it is installed (>= the version permute fusion needs), else
+    # local, with a note saying why; `te_extra_args` are rendered only with transformer_engine.
+    transformer_impl: Literal["transformer_engine", "local", "auto"] = "transformer_engine"
+    te_extra_args: list[str] = []
     extra_args: list[str] = []
 
 
@@ -413,6 +416,7 @@ class Resolved:
     bridge: dict[str, Any]
     env: dict[str, str]
     notes: list[str]
+    transformer_impl: str = "transformer_engine"  # what --transformer-impl renders ("auto" resolved)
 
 
 def _has_flag(args: list[str], *names: str) -> bool:
@@ -425,7 +429,7 @@ def dispatcher_request(r: Recipe) -> Query:
     d, p = r.dispatcher, r.parallelism
     hw = card.hardware_entry(d.hardware)
     nvlink = hw.nvlink_domain if hw.nvl72 else min(p.gpus_per_node, hw.nvlink_domain or p.gpus_per_node)
-    extra = [*r.training.extra_args, *r.model.extra_args]
+    extra = [*r.training.extra_args, *r.training.te_extra_args, *r.model.extra_args]
     return Query(
         hardware=d.hardware, ep=p.ep, model=r.model.family, stage=d.stage, gpus_per_node=p.gpus_per_node,
         nodes=p.nodes, nvlink_domain=nvlink, precision=d.precision, memory_tight=d.memory_tight,
@@ -450,7 +454,13 @@ def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> R
     notes += rec.warnings
     if r.dispatcher.permute_fusion == "off":
         notes.append("permute fusion off (recipe)")
-    return Resolved(rec, rec.use, list(fs.megatron_lm), dict(fs.bridge), dict(fs.env), notes)
+    impl = r.training.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if availability.permute_fusion else "local"
+        why = "transformer-engine found" if availability.permute_fusion else availability.permute_fusion_detail
+        dropped = f"; not rendered: {' '.join(r.training.te_extra_args)}" if impl == "local" and r.training.te_extra_args else ""
+        notes.append(f"transformer implementation: {impl} (auto: {why}){dropped}")
+    return Resolved(rec, rec.use, list(fs.megatron_lm), dict(fs.bridge), dict(fs.env), notes, impl)
 
 
 def with_dispatcher(r: Recipe, backend: str) -> Recipe:
@@ -558,12 +568,14 @@ def parallel_args(r: Recipe) -> list[str]:
     return _flags(r.parallelism, PARALLELISM)
 
 
-def training_args(r: Recipe) -> list[str]:
+def training_args(r: Recipe, transformer_impl: str | None = None) -> list[str]:
     t = r.training
+    impl = transformer_impl or (t.transformer_impl if t.transformer_impl != "auto" else "local")
+    t = t.model_copy(update={"transformer_impl": impl})
     a = _flags(t, TRAINING_BATCH)
     if t.precision != "fp32":
         a.append(f"--{t.precision}")
-    return a + _flags(t, TRAINING_LOOP) + t.extra_args
+    return a + _flags(t, TRAINING_LOOP) + t.extra_args + (t.te_extra_args if impl == "transformer_engine" else [])
 
 
 def data_args(r: Recipe) -> list[str]:
@@ -596,7 +608,8 @@ def render(r: Recipe, availability: Availability | None = None, include_probe: b
            resolved: Resolved | None = None) -> list[str]:
     """Megatron-LM arguments for the recipe (model, parallelism, dispatcher, training, data)."""
     resolved = resolved or resolve_dispatcher(r, availability)
-    args = model_args(r) + parallel_args(r) + resolved.megatron_lm + training_args(r) + data_args(r)
+    args = (model_args(r) + parallel_args(r) + resolved.megatron_lm + training_args(r, resolved.transformer_impl)
+            + data_args(r))
     if include_probe:
         args += probe_args(r)
     return args
@@ -665,4 +678,12 @@ def render_document(r: Recipe, availability: Availability, fmt: str, include_pro
             out.append("")
         out.append("# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
         out.append(" \\\n".join(bridge))
+        if include_probe and r.probe.enabled:
+            from megatron_moe_probe.megatron.bridge import callback_source
+
+            pr = r.probe
+            out.append("")
+            out += callback_source(pr.interval or r.training.log_interval, pr.writers,
+                                   pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}", pr.timing,
+                                   pr.gpus_per_node or r.parallelism.gpus_per_node)
     return "\n".join(out) + "\n"

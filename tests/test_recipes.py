@@ -19,6 +19,7 @@ from megatron_moe_probe.selection.card import default_card
 CARD = default_card()
 NONE = assumed(CARD, set())
 ALL = assumed(CARD, {"deepep", "hybridep", "ncclep"})
+ALL_TE = assumed(CARD, {"deepep", "hybridep", "ncclep", "permute-fusion"})
 SPECS = recipes.all_recipe_specs()
 TINY = yaml.safe_load((recipes.RECIPES_DIR / "tiny-cpu.yaml").read_text())
 
@@ -323,3 +324,18 @@ def test_probe_flags_with_the_probe_parser_when_available(megatron_parser, monke
     args = recipes.render(r, availability=NONE, include_probe=True)
     parsed, _ = _validate(margs, global_vars, monkeypatch, args, 2, {}, (9, 0), extra_args_provider=provider)
     assert getattr(parsed, "moe_probe", None) is True
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpu:te", "tiny-gpu:te-graphs", "tiny-gpu:qwen3-layer-te"])
+def test_production_path_variants_follow_the_transformer_engine_gate(spec):
+    r = recipes.load_recipe(spec)
+    with_te = recipes.render(r, availability=ALL_TE)
+    assert arg_value(with_te, "--transformer-impl") == "transformer_engine"
+    assert {"--moe-grouped-gemm", "--moe-router-fusion", "--moe-permute-fusion"} <= set(with_te)
+    assert ("--cuda-graph-impl" in with_te) == ("graphs" in spec)
+    without = recipes.resolve_dispatcher(r, NONE)
+    args = recipes.render(r, availability=NONE, resolved=without)
+    assert arg_value(args, "--transformer-impl") == "local"
+    assert not {"--moe-grouped-gemm", "--moe-router-fusion", "--moe-permute-fusion", "--cuda-graph-impl"} & set(args)
+    note = [n for n in without.notes if n.startswith("transformer implementation")]
+    assert len(note) == 1 and "transformer_engine" in note[0] and "not rendered" in note[0]

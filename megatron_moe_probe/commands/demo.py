@@ -27,14 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "degree the same tokens each step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--quiet", action="store_true", help="no per-interval console table")
+    p.add_argument("--writers", default=None,
+                   help="comma list of local, tensorboard, wandb, console (default local, + console unless --quiet)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (only its files; without this flag the demo "
                         "refuses a folder that holds another run)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_moe_probe.writers.base import parse_writer_names
+
     global_batch = 4 * args.ranks if args.global_batch is None else args.global_batch
     demo.check_settings(args.steps, args.interval, args.ranks, args.experts, global_batch, args.lr)
+    writers = parse_writer_names(args.writers) if args.writers else None  # a typo: before anything starts
     out = demo.prepare_run_folder(Path(args.out) if args.out else None, overwrite=args.overwrite)
 
     from rich.console import Console
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = demo.train(out, steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
                              ranks=args.ranks, experts=args.experts, data=args.data, global_batch=global_batch,
-                             lr=args.lr, quiet=args.quiet)
+                             lr=args.lr, quiet=args.quiet, writers=writers)
     except RankFailed as exc:
         if os.environ.get("MOE_PROBE_TRACEBACK"):
             print(exc, file=sys.stderr)

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate every cell (recipe, dispatcher, availability gate, rendered args) and print its "
                         "command; trains nothing")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log every cell to wandb, all in one group (offline unless $WANDB_MODE says)")
+    p.add_argument("--group", default=None,
+                   help="--wandb: the wandb group (default: the --out folder's name)")
     p.parse_args = args_after_dashdash(p.parse_args)
 
 
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
         command = cells[0].command
         check_megatron_args(command[command.index("--") + 1:] if "--" in command else [])
+    if args.wandb:
+        matrix.to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
     if args.dry_run:
         import shlex
 

@@ -30,7 +30,7 @@ DISPATCHERS = ("alltoall", "allgather")  # the two that run on CPU (flex needs C
 RANKS = (2, 4, 8)  # processes = EP degree, each holding --experts / ranks experts
 TRAIN_LOG = "train.jsonl"
 PLOT = "imbalance.png"
-RUN_FILES = (TRAIN_LOG, PLOT)  # what the demo writes besides the probe's own files (record.RUN_FILES)
+RUN_FILES = (TRAIN_LOG, PLOT, "tensorboard", "wandb")  # what the demo writes besides the probe's own files (record.RUN_FILES)
 
 
 def corpus_bytes() -> bytes:
@@ -81,7 +81,7 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
 
     writer_rank = world - 1
-    names = ["local"] if settings["quiet"] else ["local", "console"]
+    names = settings.get("writers") or (["local"] if settings["quiet"] else ["local", "console"])
     meta = {"job": "demo", "model": cfg.__dict__ | {"extra": None}, "world_size": world,
             "dispatcher": settings["dispatcher"], "interval": settings["interval"], "data": settings["data"],
             "global_batch": settings["global_batch"]}
@@ -146,10 +146,10 @@ def prepare_run_folder(out: Path | None, overwrite: bool = False) -> Path:
 
 
 def train(out: Path, *, steps: int, interval: int, dispatcher: str, ranks: int, experts: int, data: str,
-          global_batch: int, lr: float, quiet: bool) -> list[dict]:
+          global_batch: int, lr: float, quiet: bool, writers: list[str] | None = None) -> list[dict]:
     """Train on `ranks` CPU processes; one {"losses", "step_seconds"} per rank."""
     from megatron_moe_probe.cpu.cluster import run_ranks
 
     settings = dict(out=str(out), steps=steps, interval=interval, dispatcher=dispatcher, lr=lr, quiet=quiet,
-                    experts=experts, data=data, global_batch=global_batch)
+                    experts=experts, data=data, global_batch=global_batch, writers=writers)
     return run_ranks(_rank_main, ranks, settings)

@@ -74,10 +74,14 @@ def mark_environment_limit(row: dict, reason: str) -> dict:
 
 
 def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
-    """compare's row for a probe run folder, with its runtime proof."""
-    meta, reports = record.load_run(run)
-    identity = {"dispatcher": run_dispatcher(meta), "ep": reports[-1].ep_size if reports else None,
-                "data": run_data(meta)}
+    """compare's row for a probe run folder (or a Megatron routing dump), with its runtime proof."""
+    from megatron_moe_probe.grouping import group_keys
+    from megatron_moe_probe.offline import megatron_dumps
+
+    meta, reports = megatron_dumps.load_if_dump(run) or record.load_run(run)
+    keys = group_keys(meta, environ={})
+    identity = {**keys, "dispatcher": run_dispatcher(meta) or keys["dispatcher"],
+                "ep": reports[-1].ep_size if reports else keys["ep"], "data": run_data(meta) or keys["data"]}
     row = comparison_row(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log,
                          warmup)
     check = runtime_check(meta, reports)

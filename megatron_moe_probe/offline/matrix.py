@@ -57,6 +57,7 @@ class Cell:
     exit_code: int | None = None
     seconds: float | None = None
     extra: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # set for the cell's process: the wandb group and its keys
 
 
 def demo_cells(out: Path, eps: list[int], dispatchers: list[str], data: list[str], iters: int | None = None,
@@ -154,6 +155,23 @@ def _with_repeats(grid: list[tuple[str, dict, list[str], list[str]]], repeat: in
     return cells
 
 
+def to_wandb(cells: list[Cell], group: str, demo: bool) -> None:
+    """Every cell also writes to wandb, into one group; its grid parameters become the grouping
+    keys (`moe_probe.group` in the run's config, grouping.py). The wandb variables are wandb's own,
+    so Megatron's own wandb run (GPU cells with --wandb-project) is grouped the same way."""
+    from megatron_moe_probe.grouping import GROUP_ENV, KEYS_ENV
+
+    flag = "--writers" if demo else FLAGS["writers"]
+    for cell in cells:
+        if flag in cell.command:
+            cell.command[cell.command.index(flag) + 1] = "local,wandb"
+        else:  # the demo's command has no --writers: before its `--out DIR`
+            cell.command[-2:-2] = [flag, "local,wandb"]
+        keys = {k: v for k, v in cell.params.items() if k in ("dispatcher", "ep", "data", "recipe")}
+        cell.env = {GROUP_ENV: group, KEYS_ENV: json.dumps({"group": group, **keys}), "WANDB_NAME": cell.name,
+                    "WANDB_JOB_TYPE": cell.group}
+
+
 # -- running --------------------------------------------------------------------------------------
 
 def load_manifest(out: Path) -> dict:
@@ -234,7 +252,7 @@ def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None)
         # Under the guard (lifetime.py): the cell, torchrun's workers included, stops when the
         # matrix dies, whatever the signal; the guard leads the cell's session.
         proc = subprocess.Popen(lifetime.guarded(cell.command), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **cell.env} if cell.env else None)
         cell.extra["pid"] = proc.pid  # the guard: also the cell's process group and session id
         cell.status = "running"
         try:

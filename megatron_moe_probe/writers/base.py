@@ -150,6 +150,7 @@ def make_writers(
     wandb_project: str | None = None,
     wandb_mode: str | None = None,
     wandb_run_name: str | None = None,
+    wandb_writer: Any = None,
     parquet_every: int = 0,
     console: Any = None,
 ) -> WriterSet:
@@ -165,6 +166,7 @@ def make_writers(
     wandb_project / wandb_mode / wandb_run_name: for a run we start ourselves; if a
         wandb run is already active (Megatron's `--wandb-project`), it is used as is.
         The mode defaults to $WANDB_MODE, else "offline".
+    wandb_writer: an existing wandb run to log into (Megatron-Bridge's `state.wandb_logger`).
     parquet_every: also rewrite layers.parquet every N reports (0: only at close).
     console: a rich Console for the console writer (tests, or to send it to stderr).
 
@@ -182,7 +184,7 @@ def make_writers(
     builders: dict[str, Callable[[], Any]] = {
         "local": lambda: _local(out, parquet_every),
         "tensorboard": lambda: _tensorboard(out, heatmap_every, tensorboard_writer),
-        "wandb": lambda: _wandb(out, heatmap_every, wandb_project, wandb_mode, wandb_run_name),
+        "wandb": lambda: _wandb(out, heatmap_every, wandb_project, wandb_mode, wandb_run_name, wandb_writer),
         "console": lambda: _console(console),
     }
     for name in chosen:
@@ -194,7 +196,10 @@ def make_writers(
                 "moe-probe: cannot start the %r writer (%s)%s; continuing without it", name, _describe(exc), hint
             )
     if run_meta is not None:
-        writers.write_meta(run_meta)
+        from megatron_moe_probe.grouping import group_keys
+
+        # The keys runs are grouped and compared by, resolved once (grouping.py says where they go).
+        writers.write_meta({**run_meta, "group": group_keys(run_meta)})
     return writers
 
 
@@ -216,10 +221,12 @@ def _tensorboard(out: Path, heatmap_every: int, existing: Any) -> Any:
     return TensorBoardWriter(out / "tensorboard", heatmap_every=heatmap_every, existing=existing)
 
 
-def _wandb(out: Path, heatmap_every: int, project: str | None, mode: str | None, run_name: str | None) -> Any:
+def _wandb(out: Path, heatmap_every: int, project: str | None, mode: str | None, run_name: str | None,
+           existing: Any) -> Any:
     from megatron_moe_probe.writers.wandb import WandbWriter
 
-    return WandbWriter(out, heatmap_every=heatmap_every, project=project, mode=mode, run_name=run_name)
+    return WandbWriter(out, heatmap_every=heatmap_every, project=project, mode=mode, run_name=run_name,
+                       existing=existing)
 
 
 def _console(console: Any) -> Any:

@@ -21,6 +21,7 @@ from megatron_moe_probe.writers.heatmap import heatmap_rgb
 from megatron_moe_probe.writers.tensorboard import HEATMAP_TAG, HIST_TAG
 
 DEFAULT_PROJECT = "megatron-moe-probe"
+SUMMARY_TABLE = "moe_summary/layers"
 
 
 class WandbWriter:
@@ -45,6 +46,8 @@ class WandbWriter:
         self._wandb = wandb
         self.heatmap_every = heatmap_every
         self._count = 0
+        self._layer_rows: list[IntervalReport] = []  # per-layer statistics only, for the summary table
+        self._last_step: int | None = None
         if existing is not None:
             self._run = existing if existing is not wandb else wandb.run
             self._owned = False
@@ -55,9 +58,12 @@ class WandbWriter:
             if out_dir is None:
                 raise ValueError("WandbWriter needs out_dir to start a run of its own")
             os.makedirs(out_dir, exist_ok=True)
+            from megatron_moe_probe.grouping import GROUP_ENV
+
             self._run = wandb.init(
                 project=project or DEFAULT_PROJECT,
                 name=run_name,
+                group=os.environ.get(GROUP_ENV) or None,  # `moe-probe matrix --wandb` sets it per grid
                 dir=os.fspath(out_dir),
                 mode=mode or os.environ.get("WANDB_MODE") or "offline",
             )
@@ -85,8 +91,29 @@ class WandbWriter:
                     data[HIST_TAG.format(layer=name)] = wandb.Histogram(counts)
         self._count += 1
         self._run.log(data, step=int(report.step))
+        self._last_step = int(report.step)
+        self._layer_rows.append(IntervalReport(report.step, report.steps, report.time, report.layers,
+                                               report.num_experts, report.ep_size, report.per_layer, [], []))
+
+    def _log_summary(self) -> None:
+        """The run's per-layer summary (medians over its reports) as one wandb.Table."""
+        from megatron_moe_probe.grouping import SUMMARY_STATS, summary_rows
+
+        rows = summary_rows(self._layer_rows)
+        if not rows:
+            return
+        columns = ["layer", *SUMMARY_STATS]
+        table = self._wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        # Our own run: at the last report's step. A run we share (Megatron's, Bridge's) may have
+        # logged later steps already, and wandb drops data logged at an earlier step.
+        self._run.log({SUMMARY_TABLE: table}, **({"step": self._last_step} if self._owned else {}))
 
     def close(self) -> None:
-        if self._owned and self._run is not None:
-            self._run.finish()
-        self._run = None
+        if self._run is None:
+            return
+        try:
+            self._log_summary()
+        finally:  # a failing table must not leave our own run unfinished
+            if self._owned:
+                self._run.finish()
+            self._run = None
