@@ -23,7 +23,7 @@ DATA = Path(__file__).parent / "data"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDERS = {"RUN": DATA / "h200_run_mock", "RUN_A": DATA / "h200_run_mock", "RUN_B": DATA / "h200_run_text",
                 "MOCK_RUN": DATA / "h200_run_mock", "runs/a": DATA / "h200_run_mock",
-                "$NODE_RANK": "1", "$MASTER_ADDR": "10.0.0.1", "RECIPE": "tiny-gpu", "NAME": "tiny-gpu",
+                "$NODE_RANK": "1", "$MASTER_ADDR": "10.0.0.1", "RECIPE": "tiny-gpu", "NAME": "tiny-gpu", "N": "2",
                 "tests/data/h200_run_mock": DATA / "h200_run_mock"}
 # Dataset prefixes the docs use: stand-ins (empty .bin/.idx) in the test's folder, for dry runs.
 DATASETS = ("/data/textds", "/data/text")
@@ -39,7 +39,7 @@ def doc_commands() -> list[tuple[str, str]]:
         # Inline: whole commands, not mentions of a command (`moe-probe matrix`) or of one of its
         # flags (`moe-probe train --data-path`), nor elided sketches (`... ...`).
         spans += [s for s in re.findall(r"`(moe-probe [^`]+)`", text)
-                  if len(s.split()) > 2 and "..." not in s and not (len(s.split()) == 3 and s.split()[2].startswith("-"))]
+                  if len(s.split()) > 2 and "..." not in s and not (len(s.split()) <= 4 and s.split()[2].startswith("-"))]
         for span in spans:
             span = span.split("  #")[0].split(" # ")[0].strip()
             if span.startswith("moe-probe ") and span not in {c for _, c in found}:
@@ -84,8 +84,9 @@ def _runnable(argv: list[str], tmp_path: Path) -> list[str] | None:
     if name in ("render", "recommend"):
         return [str(tmp_path / a) if a == "run.json" else a for a in argv]
     if name in ("analyze", "compare"):
-        if any(a.startswith("wandb") or "/wandb/" in a for a in argv):
-            return None  # needs a wandb run or the network
+        runs = [a for a in argv[1:] if not a.startswith("-") and "/" in a or a.startswith("wandb")]
+        if any(a.startswith("wandb") or not Path(a).exists() for a in runs) or not runs:
+            return None  # needs the user's own run, a wandb run or the network: parsed above
         return [str(tmp_path / a) if a.endswith(".png") else a for a in argv]
     if name == "matrix":
         head = argv[:argv.index("--")] if "--" in argv else argv
@@ -95,7 +96,7 @@ def _runnable(argv: list[str], tmp_path: Path) -> list[str] | None:
             return None  # the user's dataset / an elided raw-args example: parsed above
         head, tail = (argv[:argv.index("--")], argv[argv.index("--"):]) if "--" in argv else (argv, [])
         return [*head, *([] if "--dry-run" in head else ["--dry-run"]), "--assume-installed", "none", *tail]
-    return None  # demo, build-dataset: parsed above; run by test_demo / test_faults
+    return None  # demo, build-dataset, import: parsed above; run by test_demo / test_faults / their own tests
 
 
 def test_every_documented_command_runs(tmp_path, capsys, monkeypatch):
