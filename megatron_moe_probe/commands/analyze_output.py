@@ -16,7 +16,8 @@ from megatron_moe_probe.values import nan_median
 def _table(title: str, headers: list[str], caption: str | None = None) -> Table:
     # One space between columns, headers wrapped at their spaces: the tables fit 80 columns.
     table = Table(title=title, caption=caption, caption_justify="left", title_justify="left",
-                  box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
+                  box=box.SIMPLE_HEAD, padding=0, pad_edge=False,
+                  min_width=min(len(title) + 2, 80))  # the title on one line, within 80 columns
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right", overflow="fold")
     return table
