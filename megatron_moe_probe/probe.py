@@ -71,6 +71,11 @@ class Snapshot:
     locality: torch.Tensor  # [L, 3] local / intra-node / inter-node assignments
     dropped_per_expert: Optional[torch.Tensor] = None  # [L, E]
     dropped_per_source: Optional[torch.Tensor] = None  # [L, EP_src]
+    # Per-iteration rank-to-rank matrices [S, L, EP_src, EP_dst] (with iteration_matrix=True).
+    step_rank_matrix: Optional[torch.Tensor] = None
+    # Interval counts split by the domain (dataset) of each token's sample, [D, L, E] (with domains).
+    domain_tokens_per_expert: Optional[torch.Tensor] = None
+    domains: list[str] = field(default_factory=list)
     timing_ms: dict[str, torch.Tensor] = field(default_factory=dict)  # phase -> [L] mean ms per step
     time: float = field(default_factory=time.time)
     meta: dict = field(default_factory=dict)
@@ -91,6 +96,8 @@ class RoutingProbe:
         history_steps: int = 100,
         track_capacity: bool = False,
         reduce_group: Optional[dist.ProcessGroup] = None,
+        domains: Optional[list[str]] = None,
+        iteration_matrix: bool = False,
     ):
         if history_steps < 1:
             raise ValueError("history_steps must be >= 1")
@@ -110,6 +117,18 @@ class RoutingProbe:
         self._current_rows = list(self._current.unbind(0))  # one view per layer, made once
         self._current_dropped = torch.zeros(L, E, dtype=torch.long, device=self.device) if track_capacity else None
         self._present = torch.zeros(L, dtype=torch.long, device=self.device)  # which layers this rank owns
+        self.iteration_matrix = iteration_matrix
+        # Per-domain counts: [D, L, E] for the iteration in progress and for the interval. A token's
+        # domain is read from `_token_domain` (fixed address, filled by set_sample_domains before
+        # each micro-batch's forward), so the hot path stays graph-capturable.
+        self.domains = list(domains or [])
+        D = len(self.domains)
+        self._domain = torch.zeros(D, L, E, dtype=torch.long, device=self.device) if D else None
+        self._current_domain = torch.zeros(L, D, E, dtype=torch.long, device=self.device) if D else None
+        self._current_domain_rows = list(self._current_domain.unbind(0)) if D else []
+        self._token_domain: Optional[torch.Tensor] = None  # [tokens] int64 domain index per token
+        self._domain_lookup: Optional[torch.Tensor] = None  # dataset id -> domain index
+        self.domain_tokens_unlabelled = False  # a router call had more tokens than the domain buffer
         self._slot = 0
         self._steps = 0
         self._folds = 0
@@ -130,18 +149,66 @@ class RoutingProbe:
     def record_routing(self, slot: int, routing_map: torch.Tensor) -> None:
         """Add one router call's [tokens, experts] boolean map to layer `slot`."""
         self._current_rows[slot].add_(routing_map.sum(0))
+        self._record_domains(slot, routing_map)
 
-    def record_counts(self, slot: int, kept_per_expert: torch.Tensor, dropped_per_expert: torch.Tensor) -> None:
-        """Add counts computed elsewhere (capacity path: tokens kept and dropped per expert)."""
+    def record_counts(self, slot: int, kept_per_expert: torch.Tensor, dropped_per_expert: torch.Tensor,
+                      kept_map: Optional[torch.Tensor] = None) -> None:
+        """Add counts computed elsewhere (capacity path: tokens kept and dropped per expert;
+        `kept_map`, the [tokens, experts] map after dropping, for the per-domain split)."""
         self._current_rows[slot].add_(kept_per_expert)
         if self._current_dropped is not None:
             self._current_dropped[slot].add_(dropped_per_expert)
+        if kept_map is not None:
+            self._record_domains(slot, kept_map)
+
+    def _record_domains(self, slot: int, routing_map: torch.Tensor) -> None:
+        """One scatter-add of the call's map into [domain, expert] rows, by each token's domain."""
+        if self._current_domain is None or self._token_domain is None:
+            return
+        n = routing_map.shape[0]  # a shape, known on the host: no sync
+        if n > self._token_domain.shape[0]:
+            self.domain_tokens_unlabelled = True  # more tokens than the micro-batch that set domains
+            return
+        self._current_domain_rows[slot].index_add_(0, self._token_domain[:n], routing_map.to(torch.long))
+
+    # ---- per micro-batch (host side, device kernels only) -------------------------------------
+
+    def set_domain_table(self, dataset_to_domain: list[int]) -> None:
+        """Which domain each dataset id of the blend belongs to (index into `domains`)."""
+        if not self.domains:
+            raise ValueError("this probe counts no domains (made without `domains`)")
+        bad = [d for d in dataset_to_domain if not 0 <= d < len(self.domains)]
+        if bad:
+            raise ValueError(f"domain index {bad[0]} outside 0..{len(self.domains) - 1}")
+        self._domain_lookup = torch.tensor(dataset_to_domain, dtype=torch.long, device=self.device)
+
+    def set_sample_domains(self, dataset_ids: torch.Tensor, seq_length: int) -> None:
+        """The next micro-batch's dataset id per sample ([micro_batch] ints, any device).
+
+        Router calls see the micro-batch flattened sequence-major ([s, b] -> s*b rows), so
+        token t belongs to sample t % b: the per-sample ids tiled over `seq_length`
+        positions give every token its domain, also for the sequence slice a TP rank sees
+        with sequence parallelism or a CP rank sees (both keep whole [s, b] rows). The
+        buffer is allocated at the first call and only written in place afterwards."""
+        if self._current_domain is None:
+            return
+        ids = dataset_ids.reshape(-1).to(self.device, torch.long, non_blocking=True)
+        if self._domain_lookup is not None:
+            ids = self._domain_lookup[ids]
+        n = ids.shape[0] * int(seq_length)
+        if self._token_domain is None or self._token_domain.shape[0] < n:
+            if self.captured:
+                raise RuntimeError("the domain buffer cannot grow after CUDA-graph capture")
+            self._token_domain = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._token_domain[:n].copy_(ids.repeat(int(seq_length)))
 
     def discard_current(self) -> None:
         """Forget the iteration in progress (Megatron re-ran its forward/backward: count the last run)."""
         self._current.zero_()
         if self._current_dropped is not None:
             self._current_dropped.zero_()
+        if self._current_domain is not None:
+            self._current_domain.zero_()
 
     # ---- per iteration (host only) -----------------------------------------------------------
 
@@ -153,6 +220,9 @@ class RoutingProbe:
         if self._current_dropped is not None:
             self._dropped.add_(self._current_dropped)
             self._current_dropped.zero_()
+        if self._current_domain is not None:
+            self._domain.add_(self._current_domain.transpose(0, 1))
+            self._current_domain.zero_()
         self._steps += 1
         self.step_number += 1
         self._slot += 1
@@ -187,6 +257,17 @@ class RoutingProbe:
             dropped_source = torch.zeros(L, EP, E, dtype=torch.long, device=self.device)
             dropped_source[:, lay.ep_rank] = dropped
             parts.append(dropped_source.reshape(-1))
+        sizes = [kept * L * E, L * EP * E, L * 3] + ([L * EP * E] if dropped is not None else [])
+        if self.iteration_matrix:
+            # This rank's per-iteration sends per destination rank, in its own source row.
+            step_source = torch.zeros(kept, L, EP, EP, dtype=torch.long, device=self.device)
+            step_source[:, :, lay.ep_rank] = hist.view(kept, L, EP, E // EP).sum(-1)
+            parts.append(step_source.reshape(-1))
+            sizes.append(kept * L * EP * EP)
+        D = len(self.domains)
+        if D:
+            parts.append(self._domain.reshape(-1))
+            sizes.append(D * L * E)
         failed = torch.tensor([int(self.failed)], dtype=torch.long, device=self.device)
         flat = torch.cat(parts + [self._present, failed])
         if lay.count_weight == 0:
@@ -195,7 +276,7 @@ class RoutingProbe:
             dist.all_reduce(flat, group=self.reduce_group)
         flat = flat.cpu()  # the one device->host copy of the interval
 
-        sizes = [kept * L * E, L * EP * E, L * 3] + ([L * EP * E] if dropped is not None else []) + [L, 1]
+        sizes += [L, 1]
         chunks = [flat[a:b] for a, b in _split_sizes(sizes)]
         hist_g = chunks[0].view(kept, L, E)
         source_g = chunks[1].view(L, EP, E)
@@ -219,6 +300,18 @@ class RoutingProbe:
             dropped_g = chunks[3].view(L, EP, E)[rows]
             snap.dropped_per_expert = dropped_g.sum(1)
             snap.dropped_per_source = dropped_g.sum(2)
+        at = 3 + (dropped is not None)
+        if self.iteration_matrix:
+            snap.step_rank_matrix = chunks[at].view(kept, L, EP, EP)[:, rows]
+            at += 1
+        if D:
+            snap.domain_tokens_per_expert = chunks[at].view(D, L, E)[:, rows]
+            snap.domains = list(self.domains)
+            # Assignments no domain received (micro-batches that set no domains): 0 when every
+            # micro-batch set its domains. Host arithmetic on the copied buffer, no extra sync.
+            snap.meta["domain_unlabelled"] = int(snap.tokens_per_expert.sum() - snap.domain_tokens_per_expert.sum())
+            if self.domain_tokens_unlabelled:
+                snap.meta["domain_buffer_too_small"] = True
         for timer in self.timers:
             snap.timing_ms.update(timer.read_and_reset(rows))
         self._reset()
@@ -229,6 +322,8 @@ class RoutingProbe:
         self._folded.zero_()
         if self._dropped is not None:
             self._dropped.zero_()
+        if self._domain is not None:
+            self._domain.zero_()
         self._slot = 0
         self._steps = 0
         self._folds = 0

@@ -32,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -104,9 +104,16 @@ class IntervalReport:
     meta: dict[str, Any] = field(default_factory=dict)
     kind: str = "interval"
     schema: int = SCHEMA_VERSION
+    # Names of the domains (datasets of a blend) of `arrays["domain_tokens_per_expert"]`.
+    domains: list[str] = field(default_factory=list)
+    # The per-interval array file in the run folder (ITERATIONS_DIR/...npz), "" when none.
+    arrays_file: str = ""
+    # Integer arrays written to `arrays_file` by the local writer, never into the JSON line
+    # (numpy arrays; see ARRAY_NAMES). Empty after reading a run: use `load_arrays`.
+    arrays: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(replace(self, arrays={})).items() if k != "arrays"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IntervalReport":
@@ -138,6 +145,14 @@ class IntervalReport:
 META_FILE = "meta.json"
 INTERVALS_FILE = "intervals.jsonl"
 LAYERS_FILE = "layers.parquet"
+ITERATIONS_DIR = "iterations"  # one .npz of integer arrays per interval (per-iteration and per-domain counts)
+# Arrays of an interval's .npz file:
+#   iterations                [S]            the iteration number of each per-iteration row
+#   layers                    [L]            global layer numbers (as `layers` of the record)
+#   tokens_per_expert         [S, L, E]      each iteration's own counts (sum over S = the interval's)
+#   rank_matrix               [S, L, EP, EP] each iteration's rank-to-rank matrix (--moe-probe-iterations matrix)
+#   domain_tokens_per_expert  [D, L, E]      the interval's counts by domain (sum over D = the interval's)
+ARRAY_NAMES = ("iterations", "layers", "tokens_per_expert", "rank_matrix", "domain_tokens_per_expert")
 STORE_FORMAT = "megatron_moe_probe.local/1"
 _PARQUET_SIZE_KEY = b"megatron_moe_probe.intervals_bytes"
 
@@ -291,6 +306,60 @@ def _repair_tail(path: Path) -> None:
             f.write(b"\n")
 
 
+def arrays_file_name(step: int) -> str:
+    """The run-folder-relative name of the array file of the interval closing at `step`."""
+    return f"{ITERATIONS_DIR}/step_{int(step):09d}.npz"
+
+
+def compact_int_array(values: Any) -> Any:
+    """A numpy array of non-negative counts in the smallest unsigned dtype that holds them."""
+    import numpy
+
+    a = numpy.asarray(values)
+    top = int(a.max()) if a.size else 0
+    if a.size and int(a.min()) < 0:
+        return a.astype(numpy.int64)
+    for dtype in (numpy.uint8, numpy.uint16, numpy.uint32):
+        if top <= numpy.iinfo(dtype).max:
+            return a.astype(dtype)
+    return a.astype(numpy.int64)
+
+
+def write_arrays(run_dir: str | os.PathLike[str], report: IntervalReport) -> Path | None:
+    """The report's integer arrays into its array file (compressed .npz, atomic); None if none."""
+    if not report.arrays or not report.arrays_file:
+        return None
+    import numpy
+
+    target = Path(run_dir) / report.arrays_file
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            numpy.savez_compressed(f, **report.arrays)
+
+    replace_atomically(target, fill)
+    return target
+
+
+def load_arrays(run_dir: str | os.PathLike[str], report: IntervalReport) -> dict[str, Any]:
+    """The integer arrays of one record (numpy, int64), or {} when it has no array file or the
+    file is missing (a run written by another writer, or a folder copied without it)."""
+    if not report.arrays_file:
+        return {}
+    path = _run_dir(run_dir) / report.arrays_file
+    if not path.exists():
+        log.warning("moe-probe: %s: array file of the record at step %d is missing", path, report.step)
+        return {}
+    import numpy
+
+    try:
+        with numpy.load(path) as data:
+            return {name: data[name].astype(numpy.int64) for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise CorruptRunError(f"{path}: unreadable array file ({exc})") from exc
+
+
 def write_meta(run_dir: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
     """meta.json of a run folder (atomic), with a `store` block naming the format."""
     record = dict(to_json_safe(meta))
@@ -329,6 +398,7 @@ def write_run(run_dir: str | os.PathLike[str], reports: Iterable[IntervalReport]
     folder = Path(run_dir)
     with open_for_append(folder) as f:
         for report in reports:
+            write_arrays(folder, report)
             append_report(f, report)
         os.fsync(f.fileno())
     if meta is not None:

@@ -6,14 +6,19 @@ import math
 
 from megatron_moe_probe import stats
 from megatron_moe_probe.probe import Snapshot
-from megatron_moe_probe.record import LOCALITY_STATS, STEP_SUMMARIZED, IntervalReport, step_summary_name, timing_stat
+import numpy as np
+
+from megatron_moe_probe.record import (LOCALITY_STATS, STEP_SUMMARIZED, IntervalReport, arrays_file_name,
+                                       compact_int_array, step_summary_name, timing_stat)
 
 
 def _f(x) -> float:
     return float(x)
 
 
-def build_report(snap: Snapshot) -> IntervalReport:
+def build_report(snap: Snapshot, keep_iterations: bool = True) -> IntervalReport:
+    """`keep_iterations`: put each iteration's counts (and matrices, when recorded) into the
+    report's arrays, for the local writer's per-interval array file."""
     counts = snap.tokens_per_expert  # [L, E]
     interval = stats.layer_stats(counts, snap.ep_size)
     matrix = stats.rank_matrix_from_source_counts(snap.source_expert_counts, snap.ep_size)  # [L, EP, EP]
@@ -46,6 +51,19 @@ def build_report(snap: Snapshot) -> IntervalReport:
             row[timing_stat(phase)] = _f(values[i])
         rows.append(row)
 
+    arrays = {}
+    history = snap.step_tokens_per_expert
+    if keep_iterations and history.shape[0]:
+        first = int(snap.step) - history.shape[0] + 1  # history holds the interval's last iterations
+        arrays["iterations"] = np.arange(first, int(snap.step) + 1, dtype=np.int64)
+        arrays["tokens_per_expert"] = compact_int_array(history.numpy())
+        if snap.step_rank_matrix is not None:
+            arrays["rank_matrix"] = compact_int_array(snap.step_rank_matrix.numpy())
+    if snap.domain_tokens_per_expert is not None:
+        arrays["domain_tokens_per_expert"] = compact_int_array(snap.domain_tokens_per_expert.numpy())
+    if arrays:
+        arrays["layers"] = np.asarray(snap.layers, dtype=np.int64)
+
     all_meta = dict(snap.meta)
     if snap.dropped_per_source is not None:
         all_meta["dropped_per_source"] = snap.dropped_per_source.tolist()
@@ -61,4 +79,7 @@ def build_report(snap: Snapshot) -> IntervalReport:
         rank_matrix=matrix.tolist(),
         dropped_per_expert=snap.dropped_per_expert.tolist() if snap.dropped_per_expert is not None else [],
         meta=all_meta,
+        domains=list(snap.domains),
+        arrays_file=arrays_file_name(snap.step) if arrays else "",
+        arrays=arrays,
     )

@@ -39,6 +39,21 @@ def recipe_spec(recipe: str, variant: Optional[str]) -> str:
     return f"{recipe}:{variant}"
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def blend_prefixes(data_path: list[str]) -> list[str]:
+    """The prefixes of Megatron's `--data-path` list: `PREFIX ...` or `W1 PREFIX1 W2 PREFIX2 ...`."""
+    if len(data_path) % 2 == 0 and all(_is_number(w) for w in data_path[::2]):
+        return list(data_path[1::2])
+    return list(data_path)
+
+
 def plan_training(recipe: Optional[str], *, variant: Optional[str] = None, data_path: Optional[list[str]] = None,
                   assume_installed: Optional[str] = None, include_probe: bool = True,
                   extra_args: Optional[list[str]] = None, dispatcher: Optional[str] = None) -> TrainPlan:
@@ -61,7 +76,7 @@ def plan_training(recipe: Optional[str], *, variant: Optional[str] = None, data_
     if data_path:
         from megatron_moe_probe.megatron.data import require_dataset
 
-        for prefix in data_path:
+        for prefix in blend_prefixes(data_path):
             require_dataset(prefix, "--data-path", "build one with `moe-probe build-dataset`")
         data = r.data.model_copy(update={"source": "path", "paths": list(data_path), "split": "100,0,0"})
         r = r.model_copy(update={"data": data})

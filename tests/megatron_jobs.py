@@ -266,3 +266,75 @@ def attach_to_dense_model(rank, world, cfg):
     except ProbeSetupError as exc:
         return str(exc)
     return None
+
+
+# ---- per-iteration and per-domain counts on a real blend of two datasets -------------------------
+
+def build_two_domain_blend(folder: str) -> list[str]:
+    """Two byte-tokenized indexed datasets whose domain shows in every token: ASCII letters
+    (bytes < 128) and Greek letters (UTF-8 bytes >= 128). Returns their prefixes."""
+    import os
+    import random
+
+    from megatron_moe_probe.megatron.data import build
+
+    rnd = random.Random(7)
+    prefixes = []
+    for name, alphabet in (("ascii", "abcdefghijklmnopqrstuvwxyz"), ("greek", "αβγδεζηθικλμνξοπρστυφχψω")):
+        src = os.path.join(folder, name + ".txt")
+        with open(src, "w", encoding="utf-8") as f:
+            for _ in range(40):
+                f.write("".join(rnd.choice(alphabet) for _ in range(rnd.randint(50, 300))) + "\n")
+        prefix = os.path.join(folder, name)
+        build([src], prefix, split_lines=True, progress=False)
+        prefixes.append(prefix)
+    return prefixes
+
+
+def blended_dataset(prefixes: list[str], cfg, num_samples: int, cache: str):
+    """Megatron's own BlendedDataset over the prefixes (equal weights), built as pretraining does."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    config = GPTDatasetConfig(random_seed=1, sequence_length=cfg.seq_length, blend=(prefixes, [0.5] * len(prefixes)),
+                              split="1,0,0", tokenizer=NullTokenizer(257), reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False, path_to_cache=cache)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+    return train
+
+
+def domains_vs_dispatcher(rank, world, cfg, prefixes, cache, steps=3, matrix=True):
+    """Micro-batches drawn from a real two-dataset BlendedDataset; the probe gets each sample's
+    dataset id before the forward. Returns the snapshot and, per step, the dispatcher's own
+    routing map split by sample, with each sample's domain read from its tokens."""
+    from megatron.core import parallel_state as ps
+    from torch.utils.data import default_collate
+
+    cc.init_parallel(cfg)
+    dp = ps.get_data_parallel_rank(with_context_parallel=True)
+    dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+    mbs = cfg.micro_batch_size
+    data = blended_dataset(prefixes, cfg, mbs * steps * dp_size + 8, cache)
+    model = cc.build_model(cfg)
+    probe = attach([model], domains=["ascii", "greek"], iteration_matrix=matrix)
+    truth = []
+    for step in range(steps):
+        first = (step * dp_size + dp) * mbs
+        batch = default_collate([data[i] for i in range(first, first + mbs)])
+        tokens = batch["tokens"]
+        probe.set_domain(batch["dataset_id"], cfg.seq_length)
+        cc.forward_backward(model, tokens)
+        per_layer = {}
+        for b in probe.bindings:
+            d = b.dispatcher
+            rmap = d.routing_map  # [local tokens, E], sequence-major: [s_local, mbs] flattened
+            per_sample = rmap.view(-1, mbs, rmap.shape[-1]).sum(0).long()  # [mbs, E]
+            per_layer[b.slot] = {"per_sample": per_sample, "dispatcher": dispatcher_truth(b)}
+        truth.append({"layers": per_layer, "dataset_id": batch["dataset_id"].tolist(),
+                      "greek_from_tokens": [bool((t >= 128).all()) for t in tokens],
+                      "ascii_from_tokens": [bool((t < 128).all()) for t in tokens]})
+        probe.step()
+    snap = probe.snapshot()
+    probe.detach()
+    return {"snapshot": snap, "truth": truth, "layout": probe.layout}

@@ -10,7 +10,9 @@ import pytest
 
 import megatron_train_loop as loop
 from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
-from megatron_moe_probe.record import load_run
+import numpy as np
+
+from megatron_moe_probe.record import load_arrays, load_run
 
 CFG = TinyMoEConfig()
 WORLD = 2
@@ -29,7 +31,11 @@ def _check_records(out, first: int, last: int, interval: int):
         assert r.steps == r.step - previous, (r.step, r.steps)
         for layer, counts in zip(r.layers, r.tokens_per_expert):
             assert sum(counts) == r.steps * per_iteration, (r.step, layer)
-        # Per-step history: every iteration of the record holds one iteration of tokens.
+        # Per-iteration records: one row per iteration of the record, each one iteration of tokens.
+        arrays = load_arrays(out, r)
+        assert list(arrays["iterations"]) == list(range(previous + 1, r.step + 1))
+        assert (arrays["tokens_per_expert"].sum(-1) == per_iteration).all()
+        assert np.array_equal(arrays["tokens_per_expert"].sum(0), np.array(r.tokens_per_expert))
         previous = r.step
     return reports
 

@@ -110,3 +110,16 @@ def worst_device_skew(num_experts: int, topk: int, ep: int, imbalance_factor: fl
     others = num_experts - hot_experts
     other_share = (num_experts - hot_experts * f) / others if others else 0.0
     return (hot_on_worst * f + (on_worst - hot_on_worst) * other_share) * ep / num_experts
+
+
+def iteration_penalties(rank_matrices: torch.Tensor, assignments_per_rank: float, bytes_per_assignment: float,
+                        fabric: Fabric) -> torch.Tensor:
+    """[iteration, layer, src, dst] matrices (one per iteration, recorded or modelled) ->
+    [iteration, layer] skew penalty of each iteration's dispatch (each scaled as in
+    `dispatch_cost`): the worst device of that iteration, not of the window's average."""
+    ep = rank_matrices.shape[-1]
+    total = assignments_per_rank * ep * bytes_per_assignment
+    m = rank_matrices.to(torch.float64)
+    skewed = m / m.sum((-2, -1), keepdim=True).clamp_min(1e-300) * total
+    balanced = float(all_to_all_seconds(torch.full((ep, ep), total / ep**2, dtype=torch.float64), fabric))
+    return all_to_all_seconds(skewed, fabric) / balanced

@@ -41,5 +41,9 @@ def compare_runs(run: RunWindow, against: RunWindow) -> dict:
     median_ratio = {stat: {basis: nan_median([row[stat][basis]["ratio"] for row in layers]) for basis in BASES}
                     for stat in IMBALANCE_STATS}
     recorded = all(not math.isnan(row["gini"]["step"][k]) for row in layers for k in ("run", "against"))
+    basis = "step" if recorded else "window"
+    from megatron_moe_probe.analysis.domains import direction
+
+    what = "per-iteration Gini" if recorded else "window Gini"
     return {"run": str(run.path), "against": str(against.path), "layers": layers, "median_ratio": median_ratio,
-            "basis": "step" if recorded else "window"}
+            "basis": basis, "direction": direction(median_ratio["gini"][basis], "A", "B", what)}

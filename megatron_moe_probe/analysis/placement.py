@@ -138,10 +138,28 @@ def replicated_placement(loads: Sequence[float], ep: int, replicated: int) -> Pl
     return _swap_off_busiest(_greedy(order, share, ep, cap), share)
 
 
+def placement_weights(placement: Placement, num_experts: int) -> torch.Tensor:
+    """[EP, E] share of each expert's tokens each rank serves (1 / copies where it holds one)."""
+    copies = Counter(e for rank in placement for e in rank)
+    w = torch.zeros(len(placement), num_experts, dtype=torch.float64)
+    for r, rank in enumerate(placement):
+        for e in rank:
+            w[r, e] += 1.0 / copies[e]
+    return w
+
+
+def iteration_busiest_over_mean(placement: Placement, counts: torch.Tensor) -> torch.Tensor:
+    """[iteration, E] counts -> [iteration] busiest rank / mean rank of each iteration."""
+    loads = counts.to(torch.float64) @ placement_weights(placement, counts.shape[-1]).T
+    return stats.max_over_mean(loads)
+
+
 def compare_placements(fit_loads: torch.Tensor, test_loads: torch.Tensor | None, ep: int,
-                       replicated: int) -> list[dict]:
+                       replicated: int, test_iterations: torch.Tensor | None = None) -> list[dict]:
     """Per layer of [layer, E] counts: each strategy's mapping, fitted on `fit_loads`, and its
-    busiest/mean on the fitting window ("fit") and on `test_loads` ("test", None without)."""
+    busiest/mean on the fitting window ("fit") and on `test_loads` ("test", None without);
+    with `test_iterations` ([iteration, layer, E] of the test window) also the mean over those
+    iterations of each iteration's own busiest/mean ("test_iteration_mean")."""
     out = []
     for layer, fit in enumerate(fit_loads.tolist()):
         placements = {
@@ -152,6 +170,8 @@ def compare_placements(fit_loads: torch.Tensor, test_loads: torch.Tensor | None,
         test = None if test_loads is None else test_loads[layer].tolist()
         out.append({name: {"fit": busiest_over_mean(p, fit),
                            "test": None if test is None else busiest_over_mean(p, test),
+                           "test_iteration_mean": None if test_iterations is None else
+                           float(iteration_busiest_over_mean(p, test_iterations[:, layer]).nanmean()),
                            "mapping": p}
                     for name, p in placements.items()})
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from megatron_moe_probe.analysis import a2a_cost, bands, placement, whatif
+from megatron_moe_probe.analysis import a2a_cost, bands, domains, placement, whatif
 from megatron_moe_probe.analysis.runs import RunWindow, layer_imbalance
 from megatron_moe_probe.errors import UsageError
 
@@ -31,6 +31,7 @@ class AnalysisOptions:
     intra_node_gbs: float = a2a_cost.Fabric.intra_node_gb_s
     inter_node_gbs: float = a2a_cost.Fabric.inter_node_gb_s
     latency_us: float = a2a_cost.Fabric.latency_us
+    drift_windows: int = 4  # consecutive windows the run is cut into for the drift section
 
 
 def _setting(window: RunWindow, name: str, given: int | None) -> dict | None:
@@ -87,11 +88,25 @@ def _cost_section(window: RunWindow, options: AnalysisOptions, eps: list[int], p
     assignments = value["tokens_per_rank"] * value["topk"]
     per_assignment = value["hidden_size"] * value["bytes_per_element"]
     counts = window.tokens_per_expert().sum(0)
+    per_iteration = window.iteration_counts()
+    measured_iterations = window.iteration_rank_matrix()
+    section["per_iteration"] = per_iteration is not None
     matrices = [(ep, "modelled", whatif.modelled_rank_matrix(counts, ep)) for ep in eps]
     if window.has_rank_matrix:
         matrices.append((window.ep_size, "measured", window.rank_matrix().sum(0)))
     for ep, source, matrix in sorted(matrices, key=lambda m: (m[0], m[1] != "measured")):
         layers = a2a_cost.dispatch_cost(matrix, assignments, per_assignment, fabric)
+        # Each iteration's own dispatch (what a GPU waits for): its matrix, recorded at the run's
+        # EP with --moe-probe-iterations matrix, else modelled from its per-expert counts.
+        it_matrix = None
+        if source == "measured" and measured_iterations is not None:
+            it_matrix = measured_iterations
+        elif source == "modelled" and per_iteration is not None:
+            it_matrix = whatif.modelled_rank_matrix(per_iteration, ep)
+        if it_matrix is not None and it_matrix.shape[0]:
+            pen = a2a_cost.iteration_penalties(it_matrix, assignments, per_assignment, fabric)  # [S, L]
+            for row, mean, worst in zip(layers, pen.mean(0).tolist(), pen.amax(0).tolist()):
+                row["penalty_iteration_mean"], row["penalty_worst_iteration"] = mean, worst
         for row, mom in zip(layers, per_expert_mom):
             # NeuSim's form with f = this layer's per-expert max/mean and one hot expert
             # (max/mean <= E/K always holds; the clamp only absorbs rounding).
@@ -115,6 +130,7 @@ def analyze(window: RunWindow, options: AnalysisOptions = AnalysisOptions()) -> 
     replicate = (target if target > 1 else 0) if options.replicate is None else options.replicate
     thresholds = bands.BandThresholds.parse(options.band_thresholds) if options.band_thresholds else bands.BandThresholds()
     counts = window.tokens_per_expert()
+    per_iteration = window.iteration_counts()
     imbalance = layer_imbalance(window)
     basis = "step" if not any(math.isnan(v) for v in imbalance["gini"]["step"]) else "window"
     fit, test = window.halves()
@@ -123,7 +139,8 @@ def analyze(window: RunWindow, options: AnalysisOptions = AnalysisOptions()) -> 
                 "layers": window.layers, "first_step": window.first_step, "last_step": window.last_step,
                 "intervals": len(window.reports), "tokens": counts.sum((0, 2)).tolist()},
         "ep_whatif": {"per_expert_max_over_mean": imbalance["max_over_mean"]["window"],
-                      "by_ep": whatif.ep_scan(counts, eps)},
+                      "per_iteration": per_iteration is not None,
+                      "by_ep": whatif.ep_scan(counts, eps, per_iteration)},
         "matrix_check": {"ep": window.ep_size,
                          "layers": whatif.matrix_check(window.rank_matrix().sum(0), counts.sum(0))}
         if window.has_rank_matrix else {"ep": window.ep_size, "skipped": _NO_MATRIX},
@@ -135,6 +152,9 @@ def analyze(window: RunWindow, options: AnalysisOptions = AnalysisOptions()) -> 
                       "fit_window": fit.describe_steps(), "test_window": test and test.describe_steps(),
                       "layers": placement.compare_placements(fit.tokens_per_expert().sum(0),
                                                              test and test.tokens_per_expert().sum(0),
-                                                             target, replicate)},
+                                                             target, replicate,
+                                                             test and test.iteration_counts())},
+        "domains": domains.domain_section(window, target),
+        "drift": domains.drift_section(window, options.drift_windows),
         "cost": _cost_section(window, options, eps, imbalance["max_over_mean"]["window"]),
     }

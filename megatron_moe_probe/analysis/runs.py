@@ -13,7 +13,7 @@ import torch
 from megatron_moe_probe import stats
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record import IntervalReport
-from megatron_moe_probe.record import load_run
+from megatron_moe_probe.record import load_arrays, load_run
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,41 @@ class RunWindow:
         """[interval, layer, src EP rank, dst EP rank] counts (int64)."""
         pos = self._layer_positions()
         return torch.tensor([[r.rank_matrix[i] for i in pos] for r in self.reports], dtype=torch.int64)
+
+    def _arrays(self, name: str) -> list[torch.Tensor] | None:
+        """The array `name` of every interval of the window, restricted to the window's layers
+        (layer axis 1 for per-iteration arrays and per-domain arrays alike); None when any
+        interval lacks it."""
+        out = []
+        for r in self.reports:
+            arrays = load_arrays(self.path, r)
+            if name not in arrays:
+                return None
+            layers = [int(n) for n in arrays["layers"]]
+            a = torch.from_numpy(arrays[name])
+            out.append(a[:, [layers.index(n) for n in self.layers]])
+        return out
+
+    def iteration_counts(self) -> torch.Tensor | None:
+        """[iteration, layer, expert] counts of every iteration of the window (int64), from the
+        per-iteration records; None when the run has none (or history was folded)."""
+        if any(r.meta.get("history_folded") for r in self.reports):
+            return None
+        parts = self._arrays("tokens_per_expert")
+        return None if parts is None else torch.cat(parts)
+
+    def iteration_rank_matrix(self) -> torch.Tensor | None:
+        """[iteration, layer, src, dst] (recorded with --moe-probe-iterations matrix), or None."""
+        parts = self._arrays("rank_matrix")
+        return None if parts is None else torch.cat(parts)
+
+    def domain_counts(self) -> tuple[list[str], torch.Tensor] | None:
+        """(domain names, [interval, domain, layer, expert] counts), or None without domains."""
+        names = self.reports[0].domains
+        if not names or any(r.domains != names for r in self.reports):
+            return None
+        parts = self._arrays("domain_tokens_per_expert")
+        return None if parts is None else (list(names), torch.stack(parts))
 
     def step_mean(self, stat: str) -> list[float]:
         """Per layer: the mean over every iteration of the window of a per-step statistic the

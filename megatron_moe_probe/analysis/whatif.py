@@ -32,13 +32,25 @@ def busiest_rank_over_mean(tokens_per_expert: torch.Tensor, ep: int) -> torch.Te
     return stats.max_over_mean(stats.per_rank_load(tokens_per_expert, ep))
 
 
-def ep_scan(tokens_per_interval: torch.Tensor, eps: list[int]) -> list[dict]:
+def ep_scan(tokens_per_interval: torch.Tensor, eps: list[int],
+            tokens_per_iteration: torch.Tensor | None = None) -> list[dict]:
     """[interval, layer, E] counts -> per EP: busiest/mean per layer on the counts summed over
-    the intervals ("window") and in the worst single interval ("worst_interval")."""
-    return [{"ep": ep,
-             "window": busiest_rank_over_mean(tokens_per_interval.sum(0), ep).tolist(),
-             "worst_interval": busiest_rank_over_mean(tokens_per_interval, ep).amax(0).tolist()}
-            for ep in eps]
+    the intervals ("window") and in the worst single interval ("worst_interval"); with the
+    per-iteration records [iteration, layer, E], also the mean over iterations of each
+    iteration's own busiest/mean ("iteration_mean", what a GPU waits for on average) and the
+    worst iteration ("worst_iteration"); None without them."""
+    out = []
+    for ep in eps:
+        row = {"ep": ep,
+               "window": busiest_rank_over_mean(tokens_per_interval.sum(0), ep).tolist(),
+               "worst_interval": busiest_rank_over_mean(tokens_per_interval, ep).amax(0).tolist(),
+               "iteration_mean": None, "worst_iteration": None}
+        if tokens_per_iteration is not None and tokens_per_iteration.shape[0]:
+            per_it = busiest_rank_over_mean(tokens_per_iteration, ep)  # [S, L]
+            row["iteration_mean"] = per_it.nanmean(0).tolist()
+            row["worst_iteration"] = per_it.nan_to_num(0).amax(0).tolist()
+        out.append(row)
+    return out
 
 
 def modelled_rank_matrix(tokens_per_expert: torch.Tensor, ep: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from megatron_moe_probe.analysis import a2a_cost
+from megatron_moe_probe.analysis.domains import batch_size_sweep
 from megatron_moe_probe.analysis.mock_vs_real import compare_runs
+from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.analysis.run_analysis import AnalysisOptions, analyze
 from megatron_moe_probe.analysis.runs import load_window
 from megatron_moe_probe.commands import analyze_output as render
@@ -26,7 +28,12 @@ def _int_list(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="probe run folder (intervals.jsonl + meta.json)")
-    p.add_argument("--against", metavar="RUN_B", help="compare routing imbalance with another run of the model")
+    p.add_argument("--against", metavar="RUN_B", help="compare routing imbalance with another run of the model "
+                   "(e.g. mock vs real data; the direction is reported whichever way it comes out)")
+    p.add_argument("--sweep", nargs="+", metavar="RUN", help="other runs of the same model and data at other batch "
+                   "sizes: imbalance by batch size (DODOCO's batch-size effect)")
+    p.add_argument("--drift-windows", type=int, default=4, metavar="N",
+                   help="consecutive windows the run is cut into for the drift table (default 4)")
     p.add_argument("--steps", metavar="START:END", help="intervals closing at iterations START..END (default all)")
     p.add_argument("--layers", type=_int_list, metavar="N,N", help="global layer numbers (default all MoE layers)")
     p.add_argument("--ep", type=_int_list, metavar="N,N",
@@ -51,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapping", action="store_true", help="print every placement's experts per rank")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="PNG", help="also plot the what-if, the placements and the comparison")
+    p.add_argument("--plot-dir", metavar="DIR", help="one plot per question into DIR: domain heatmaps, domain "
+                   "divergence, cross-domain placement, drift, batch-size sweep, mock vs real")
 
 
 def options_from(args: argparse.Namespace) -> AnalysisOptions:
@@ -60,8 +69,12 @@ def options_from(args: argparse.Namespace) -> AnalysisOptions:
 def run(args: argparse.Namespace) -> int:
     window = load_window(args.run, args.steps, args.layers)
     result = analyze(window, options_from(args))
+    if args.drift_windows < 1:
+        raise UsageError(f"--drift-windows must be >= 1, got {args.drift_windows}")
     if args.against:
         result["against"] = compare_runs(window, load_window(args.against, args.steps, args.layers))
+    if args.sweep:
+        result["sweep"] = batch_size_sweep([window] + [load_window(r, args.steps, args.layers) for r in args.sweep])
     if args.json:
         json.dump(to_json_safe(result), sys.stdout, indent=1)
         print()
@@ -71,4 +84,8 @@ def run(args: argparse.Namespace) -> int:
         render.plot(result, Path(args.plot))
         if not args.json:
             print(f"plot: {args.plot}")
+    if args.plot_dir:
+        written = render.plot_questions(result, Path(args.plot_dir))
+        if not args.json:
+            print("plots: " + ", ".join(str(p) for p in written))
     return 0

@@ -13,7 +13,8 @@ from megatron_moe_probe.values import nan_median
 
 
 def _table(title: str, headers: list[str], caption: str | None = None) -> Table:
-    table = Table(title=title, caption=caption, caption_justify="left", title_justify="left")
+    table = Table(title=title, caption=caption, caption_justify="left", title_justify="left",
+                  min_width=min(len(title) + 2, 140))
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right")
     return table
@@ -25,7 +26,8 @@ def print_result(result: dict, show_mapping: bool = False, console: Console | No
     console.print(f"[bold]{run['path']}[/bold]: {run['num_experts']} experts, EP={run['ep_size']}, "
                   f"layers {', '.join(map(str, run['layers']))}, iterations {run['first_step']}-{run['last_step']} "
                   f"({run['intervals']} intervals)")
-    for section in (_whatif, _matrix_check, _bands, _placement, _cost, _against):
+    for section in (_whatif, _matrix_check, _bands, _placement, _cost, _domains, _cross_domain, _drift, _against,
+                    _sweep):
         for item in section(result, show_mapping):
             console.print(item)
 
@@ -34,11 +36,20 @@ def _whatif(result: dict, _) -> list:
     data, run = result["ep_whatif"], result["run"]
     headers = ["layer", "expert max/mean"] + [f"EP={s['ep']}" + (" (run)" if s["ep"] == run["ep_size"] else "")
                                               for s in data["by_ep"]]
+    per_it = data.get("per_iteration")
+    caption = ("mean over iterations of each iteration's own value [worst iteration]; then summed over the window "
+               "(worst single interval)" if per_it else
+               "summed over the window (worst single interval); no per-iteration records")
     table = _table("EP what-if: busiest rank / mean rank, contiguous placement", headers,
-                   "summed over the window (worst single interval); routing taken as independent of EP")
+                   caption + "; routing taken as independent of EP")
     for i, layer in enumerate(run["layers"]):
-        table.add_row(str(layer), _fmt(data["per_expert_max_over_mean"][i]),
-                      *[f"{_fmt(s['window'][i])} ({_fmt(s['worst_interval'][i])})" for s in data["by_ep"]])
+        cells = []
+        for s in data["by_ep"]:
+            cell = f"{_fmt(s['window'][i])} ({_fmt(s['worst_interval'][i])})"
+            if per_it and s.get("iteration_mean") is not None:
+                cell = f"{_fmt(s['iteration_mean'][i])} [{_fmt(s['worst_iteration'][i])}] {cell}"
+            cells.append(cell)
+        table.add_row(str(layer), _fmt(data["per_expert_max_over_mean"][i]), *cells)
     return [table]
 
 
@@ -74,11 +85,16 @@ def _bands(result: dict, _) -> list:
 def _placement(result: dict, show_mapping: bool) -> list:
     data = result["placement"]
     windows = ["fit"] + (["test"] if data["test_window"] else [])
-    headers = ["layer"] + [f"{name} {w}" for w in windows for name in STRATEGIES]
+    if data["layers"] and data["layers"][0]["contiguous"].get("test_iteration_mean") is not None:
+        windows.append("test_iteration_mean")
+    headers = ["layer"] + [f"{name} {w.replace('test_iteration_mean', 'test/iter')}" for w in windows
+                           for name in STRATEGIES]
     caption = (f"fitted on {data['fit_window']}" + (f", tested on {data['test_window']}" if data["test_window"]
                else " (one interval: nothing to test on)") +
                f"; replicated = {data['replicated']} hottest experts twice, "
-               f"+{data['extra_slots_per_rank']} expert slot(s) per rank")
+               f"+{data['extra_slots_per_rank']} expert slot(s) per rank"
+               + ("; test/iter = mean over the test window's iterations of each iteration's own value"
+                  if "test_iteration_mean" in windows else ""))
     table = _table(f"Expert placement at EP={data['ep']}: busiest rank / mean rank", headers, caption)
     lines = []
     for layer, row in zip(result["run"]["layers"], data["layers"]):
@@ -99,9 +115,14 @@ def _cost(result: dict, _) -> list:
     caption = (f"{inputs}; {fabric['intra_node_gb_s']:g} GB/s in a node, {fabric['inter_node_gb_s']:g} GB/s "
                f"between nodes, {fabric['latency_us']:g} us latency. Combine takes the same time. "
                "NeuSim: one hot expert at the layer's max/mean, ceil(E/EP) experts on the worst device")
-    table = _table("All-to-all dispatch per call: balanced vs recorded routing", [
-        "EP", "matrix", "nodes", "MB in/rank balanced", "balanced us", "skewed us (worst layer)",
-        "penalty worst (layer)", "penalty median", "NeuSim skew median"], caption)
+    per_it = data.get("per_iteration")
+    headers = ["EP", "matrix", "nodes", "MB in/rank balanced", "balanced us", "skewed us (worst layer)",
+               "penalty worst (layer)", "penalty median", "NeuSim skew median"]
+    if per_it:
+        headers += ["penalty/iter median", "worst iteration"]
+        caption += ("; penalty/iter = each iteration's own dispatch (its worst device), mean over iterations, "
+                    "median over layers; worst iteration over all layers")
+    table = _table("All-to-all dispatch per call: balanced vs recorded routing", headers, caption)
     layers = result["run"]["layers"]
     for entry in data["by_ep"]:
         rows = entry["layers"]
@@ -109,7 +130,69 @@ def _cost(result: dict, _) -> list:
         table.add_row(str(entry["ep"]), entry["source"], str(entry["nodes"]),
                       _fmt(rows[0]["balanced_bytes_received"] / 1e6, ".2f"), _fmt(rows[0]["balanced_us"], ".1f"),
                       _fmt(rows[worst]["skewed_us"], ".1f"), f"{_fmt(rows[worst]['penalty'])} ({layers[worst]})",
-                      _fmt(nan_median([r["penalty"] for r in rows])), _fmt(nan_median([r["neusim_skew"] for r in rows])))
+                      _fmt(nan_median([r["penalty"] for r in rows])), _fmt(nan_median([r["neusim_skew"] for r in rows])),
+                      *([_fmt(nan_median([r.get("penalty_iteration_mean", float("nan")) for r in rows])),
+                         _fmt(max((r.get("penalty_worst_iteration", float("nan")) for r in rows), default=float("nan")))]
+                        if per_it else []))
+    return [table]
+
+
+def _domains(result: dict, _) -> list:
+    data = result.get("domains")
+    if not data:
+        return []
+    names = data["names"]
+    share = _table("Domains: share of assignments and routing Gini per layer",
+                   ["domain", "share"] + [f"Gini L{n}" for n in result["run"]["layers"]],
+                   "counts split by the dataset each sample came from (the blend's datasets)")
+    for d, name in enumerate(names):
+        share.add_row(name, _fmt(data["share"][d], ".1%"), *[_fmt(g) for g in data["gini"][d]])
+    div = _table("Jensen-Shannon divergence of expert popularity between domains (median over layers)",
+                 ["domain"] + names, "log base 2: 0 = same popularity, 1 = disjoint experts")
+    for a, name in enumerate(names):
+        div.add_row(name, *[_fmt(v) for v in data["divergence_median"][a]])
+    return [share, div]
+
+
+def _cross_domain(result: dict, _) -> list:
+    data = (result.get("domains") or {}).get("cross_domain_placement")
+    if not data:
+        return []
+    names = [row["test"] for row in data["table"][0]]
+    table = _table(f"Placement fitted on one domain, tested on each (EP={data['ep']}): contiguous / fitted "
+                   "busiest-rank load, median over layers", ["fit \\ test"] + names,
+                   f"> 1: the fitted placement beats contiguous on that domain; diagonal = in-domain. "
+                   f"Median gain in-domain {_fmt(data['in_domain_gain_median'])}, "
+                   f"cross-domain {_fmt(data['cross_domain_gain_median'])}")
+    for row in data["table"]:
+        table.add_row(row[0]["fit"], *[_fmt(cell["gain_median"]) for cell in row])
+    return [table]
+
+
+def _drift(result: dict, _) -> list:
+    data = result.get("drift")
+    if not data or len(data["windows"]) < 2:
+        return []
+    layers = result["run"]["layers"]
+    table = _table("Drift: Jensen-Shannon divergence of expert popularity from the first window (from the previous)",
+                   ["iterations"] + [f"layer {n}" for n in layers], "log base 2; windows of consecutive intervals")
+    for w, span in enumerate(data["windows"]):
+        table.add_row(span, *[f"{_fmt(a)} ({_fmt(b)})" for a, b in zip(data["from_first"][w], data["from_previous"][w])])
+    return [table]
+
+
+def _sweep(result: dict, _) -> list:
+    data = result.get("sweep")
+    if not data:
+        return []
+    table = _table("Batch-size sweep: routing imbalance by batch size (median over layers)",
+                   ["run", "global batch", "micro batch", "assignments/iter/layer", "Gini/iter", "Gini window",
+                    "max/mean/iter", "max/mean window", "rank max/mean/iter"],
+                   "/iter = mean over iterations of each iteration's own value; window = on the summed counts")
+    for r in data["runs"]:
+        table.add_row(r["run"], _fmt(r["global_batch_size"], "d"), _fmt(r["micro_batch_size"], "d"),
+                      _fmt(r["assignments_per_iteration"], ".0f"), _fmt(r["gini_step"]), _fmt(r["gini_window"]),
+                      _fmt(r["max_over_mean_step"]), _fmt(r["max_over_mean_window"]), _fmt(r["rank_max_over_mean_step"]))
     return [table]
 
 
@@ -130,7 +213,7 @@ def _against(result: dict, _) -> list:
     summary = (f"median over layers of A/B: Gini {_fmt(ratio['gini']['step'])} per iteration, "
                f"{_fmt(ratio['gini']['window'])} on the window; max/mean {_fmt(ratio['max_over_mean']['step'])}, "
                f"{_fmt(ratio['max_over_mean']['window'])}")
-    return [table, summary]
+    return [table, summary, f"[bold]{data['direction']}[/bold] (A = {data['run']}, B = {data['against']})"]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -172,3 +255,102 @@ def plot(result: dict, path: Path) -> None:
         axes[2].set(xlabel="layer", ylabel=f"Gini ({basis})", title="routing Gini by run")
         axes[2].legend(fontsize="small")
     fig.savefig(path, dpi=110)
+
+
+def plot_questions(result: dict, folder: Path) -> list[Path]:
+    """One plot per question, for what the result holds: domains_heatmap, domain_divergence,
+    cross_domain_placement, drift, batch_size, mock_vs_real (PNG)."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    layers = result["run"]["layers"]
+
+    def save(fig, name):
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    data = result.get("domains")
+    if data:
+        names = data["names"]
+        fig = Figure(figsize=(10, 1.2 + 1.1 * len(layers) * max(1, len(names)) / 4), layout="constrained")
+        axes = fig.subplots(len(layers), 1, squeeze=False)[:, 0]
+        for ax, li in zip(axes, range(len(layers))):
+            grid = [[v if v is not None and not math.isnan(v) else 0.0 for v in data["popularity"][d][li]]
+                    for d in range(len(names))]
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_yticks(range(len(names)), names)
+            ax.set_title(f"layer {layers[li]}: share of the domain's assignments per expert", fontsize="small")
+            fig.colorbar(im, ax=ax, fraction=0.02)
+        axes[-1].set_xlabel("expert")
+        save(fig, "domains_heatmap")
+
+        fig = Figure(figsize=(5, 4), layout="constrained")
+        ax = fig.subplots()
+        im = ax.imshow(data["divergence_median"], cmap="magma", vmin=0)
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_yticks(range(len(names)), names)
+        for a in range(len(names)):
+            for b in range(len(names)):
+                ax.text(b, a, f"{data['divergence_median'][a][b]:.3f}", ha="center", va="center", color="w",
+                        fontsize="small")
+        ax.set_title("Jensen-Shannon divergence between domains\n(median over layers)")
+        fig.colorbar(im, ax=ax)
+        save(fig, "domain_divergence")
+
+        cross = data["cross_domain_placement"]
+        grid = [[cell["gain_median"] for cell in row] for row in cross["table"]]
+        fig = Figure(figsize=(5, 4), layout="constrained")
+        ax = fig.subplots()
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=min(1.0, min(min(r) for r in grid)), vmax=max(max(r) for r in grid))
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_yticks(range(len(names)), names)
+        for a in range(len(names)):
+            for b in range(len(names)):
+                ax.text(b, a, f"{grid[a][b]:.3f}", ha="center", va="center", fontsize="small")
+        ax.set(xlabel="tested on", ylabel="fitted on",
+               title=f"placement gain over contiguous, EP={cross['ep']}\n(contiguous / fitted busiest rank)")
+        fig.colorbar(im, ax=ax)
+        save(fig, "cross_domain_placement")
+
+    drift = result.get("drift")
+    if drift and len(drift["windows"]) > 1:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for li, layer in enumerate(layers):
+            ax.plot(range(len(drift["windows"])), [w[li] for w in drift["from_first"]], marker="o", label=f"layer {layer}")
+        ax.set_xticks(range(len(drift["windows"])), drift["windows"], rotation=20)
+        ax.set(xlabel="iterations", ylabel="JS divergence from the first window", title="expert popularity drift")
+        ax.legend(fontsize="small")
+        save(fig, "drift")
+
+    sweep = result.get("sweep")
+    if sweep:
+        runs = sweep["runs"]
+        x = [r["global_batch_size"] or r["micro_batch_size"] or i for i, r in enumerate(runs)]
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        ax.plot(x, [r["gini_step"] for r in runs], marker="o", label="Gini per iteration")
+        ax.plot(x, [r["gini_window"] for r in runs], marker="s", label="Gini on window sums")
+        ax.plot(x, [r["max_over_mean_step"] for r in runs], marker="^", label="max/mean per iteration")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="global batch size (sequences)", ylabel="median over layers", title="routing imbalance by batch size")
+        ax.legend(fontsize="small")
+        save(fig, "batch_size")
+
+    against = result.get("against")
+    if against:
+        basis = against["basis"]
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for key, label in (("run", "A " + Path(against["run"]).name), ("against", "B " + Path(against["against"]).name)):
+            ax.plot([r["layer"] for r in against["layers"]], [r["gini"][basis][key] for r in against["layers"]],
+                    marker="o", label=label)
+        ax.set(xlabel="layer", ylabel=f"Gini ({'per iteration' if basis == 'step' else 'window'})",
+               title=against["direction"])
+        ax.legend(fontsize="small")
+        save(fig, "mock_vs_real")
+    return written

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_moe_probe.megatron.data import build
+from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.megatron.data import blend_arguments, build, build_domains
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
+    p.add_argument("--input", nargs="+", metavar="FILE_OR_DIR",
                    help="text files or folders (read recursively); files ending .jsonl are JSON lines")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--output-prefix", metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--domains", metavar="DIR",
+                   help="instead of --input: build four domain datasets from this machine, no download "
+                        "(DIR/code: Python stdlib source; DIR/prose: package documentation; DIR/math: "
+                        "generated problems; DIR/data: JSON/YAML/CSV), each its own dataset, and print the blend")
+    p.add_argument("--max-mb", type=float, default=16.0, help="with --domains: MB of text per domain (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="with --domains: seed of the generated math and data")
     p.add_argument("--tokenizer", default="bytes", metavar="bytes|hf:DIR",
                    help="'bytes' (UTF-8 bytes, EOD 256; train with NullTokenizer --vocab-size 257) or a local "
                         "HuggingFace tokenizer folder 'hf:DIR' (needs transformers)")
@@ -22,6 +29,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.domains:
+        if args.input or args.output_prefix:
+            raise UsageError("--domains builds its own inputs: give it without --input / --output-prefix")
+        if not args.max_mb > 0:
+            raise UsageError(f"--max-mb must be positive, got {args.max_mb}")
+        results = build_domains(args.domains, int(args.max_mb * 1e6), tokenizer=args.tokenizer, seed=args.seed,
+                                progress=not args.no_progress and sys.stderr.isatty())
+        for r in results:
+            print(f"wrote {r.prefix}.bin / .idx: {r.documents} documents, {r.tokens} tokens, {r.dtype}")
+        print("train on the blend with: " + " ".join(blend_arguments(results)) + " "
+              + " ".join(results[0].tokenizer.train_args))
+        return 0
+    if not args.input or not args.output_prefix:
+        raise UsageError("build-dataset needs --input and --output-prefix (or --domains DIR)")
     result = build(args.input, args.output_prefix, tokenizer=args.tokenizer, append_eod=args.append_eod,
                    split_lines=args.split_lines, json_key=args.json_key,
                    progress=not args.no_progress and sys.stderr.isatty())

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
     p.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
                    help="train the recipe on these indexed datasets (.bin/.idx prefixes, e.g. from "
-                        "`moe-probe build-dataset`) instead of its own data, all of it for training")
+                        "`moe-probe build-dataset`, or a blend `W1 PREFIX1 W2 PREFIX2 ...`: the probe then "
+                        "splits counts by dataset) instead of its own data, all of it for training")
     p.add_argument("--dry-run", action="store_true", help="print the exact command (and environment) and exit")
     p.parse_args = args_after_dashdash(p.parse_args)
 

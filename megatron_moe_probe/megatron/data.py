@@ -226,3 +226,35 @@ class _progress:
         if self._p is not None:
             self._p.__exit__(*exc)
         return False
+
+
+# -- four domains from the machine --------------------------------------------------------------
+
+def build_domains(out_dir: str, max_bytes: int = 16_000_000, tokenizer: str = "bytes", seed: int = 0,
+                  domains: tuple[str, ...] | None = None, progress: bool = False) -> list[BuildResult]:
+    """OUT_DIR/<domain>.bin/.idx for each domain of `domain_text` (code, prose, math, data), each
+    its own indexed dataset, ready to blend with `--data-path 1 OUT/code 1 OUT/prose ...`."""
+    from megatron_moe_probe import domain_text
+
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    for domain in domains or domain_text.DOMAINS:
+        docs = domain_text.domain_documents(domain, max_bytes, seed)
+        if not docs:
+            raise UsageError(f"domain {domain}: found no text on this machine")
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{domain}.") as tmp:
+            staging = os.path.join(tmp, f"{domain}.jsonl")
+            with open(staging, "w", encoding="utf-8") as f:
+                for doc in docs:
+                    f.write(json.dumps({"text": doc}) + "\n")
+            results.append(build([staging], os.path.join(out_dir, domain), tokenizer=tokenizer, append_eod=True,
+                                 progress=progress))
+    return results
+
+
+def blend_arguments(results: list[BuildResult]) -> list[str]:
+    """`--data-path 1 PREFIX 1 PREFIX ...`: equal weights (Megatron normalizes them)."""
+    out = ["--data-path"]
+    for r in results:
+        out += ["1", r.prefix]
+    return out

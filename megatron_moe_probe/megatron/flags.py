@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-from megatron_moe_probe.settings import DEFAULT_HEATMAP_EVERY, FLAGS, TIMING_MODES, ProbeSettings, dest
+from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_ITERATIONS, FLAGS, ITERATION_MODES, TIMING_MODES,
+                                        ProbeSettings, dest)
 from megatron_moe_probe.writers.base import WRITER_NAMES
 
 GROUP_TITLE = "moe-probe"
@@ -64,6 +65,13 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="per-step counts kept per interval for step statistics (default: the interval, max 1000)")
     g.add_argument(FLAGS["heatmap_every"], type=_positive_int, default=DEFAULT_HEATMAP_EVERY,
                    help="reports between per-expert heatmaps/histograms in TensorBoard and wandb")
+    g.add_argument(FLAGS["iterations"], choices=ITERATION_MODES, default=DEFAULT_ITERATIONS,
+                   help="per-iteration records in the run folder's iterations/*.npz: each iteration's "
+                        "[layer, expert] counts (counts, the default), also its rank matrix (matrix), or off")
+    g.add_argument(FLAGS["domains"], default=None, metavar="auto|off|NAME,...|PREFIX=NAME,...",
+                   help="split counts by the dataset of each sample when training on a blend (default: one "
+                        "domain per --data-path prefix, named by its file name); names in blend order, or "
+                        "PREFIX=NAME pairs (equal names merge datasets); off")
     return parser
 
 
@@ -83,7 +91,7 @@ def flags_without_probe(args) -> list[str]:
     """Probe flags given while --moe-probe is off: they would silently do nothing."""
     if getattr(args, dest("enabled"), False):
         return []
-    defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY}
+    defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY, dest("iterations"): DEFAULT_ITERATIONS}
     prefix = dest("enabled") + "_"
     return [
         "--" + name.replace("_", "-")
@@ -120,4 +128,6 @@ def resolve(args) -> ProbeSettings:
         gpus_per_node=given["gpus_per_node"],
         history=history,
         heatmap_every=given["heatmap_every"],
+        iterations=given["iterations"] or DEFAULT_ITERATIONS,
+        domains=given["domains"],
     )

@@ -189,7 +189,8 @@ class MegatronProbe:
     """Attaches a RoutingProbe to Megatron model chunks. `detach()` removes every hook."""
 
     def __init__(self, model_chunks, *, gpus_per_node: Optional[int] = None, history_steps: int = 100,
-                 device: Optional[torch.device] = None, reduce_group=None):
+                 device: Optional[torch.device] = None, reduce_group=None,
+                 domains: Optional[list[str]] = None, iteration_matrix: bool = False):
         self.moe_layers = find_moe_layers(model_chunks)
         self.layout = build_layout(self.moe_layers, gpus_per_node)
         config = self.moe_layers[0].config
@@ -200,7 +201,8 @@ class MegatronProbe:
             if device.type == "cpu" and torch.cuda.is_available():
                 device = torch.device("cuda", torch.cuda.current_device())
         self.probe = RoutingProbe(self.layout, device=device, history_steps=history_steps,
-                                  track_capacity=self.capacity, reduce_group=reduce_group)
+                                  track_capacity=self.capacity, reduce_group=reduce_group,
+                                  domains=domains, iteration_matrix=iteration_matrix)
         self.enabled = True
         # Outside a gated loop every training forward counts; a loop that calls open_step /
         # close_step (ProbeSession) counts only inside its iterations.
@@ -318,8 +320,9 @@ class MegatronProbe:
         if binding is None:
             return
         try:
-            kept = (before & after).sum(0)
-            self.probe.record_counts(binding.slot, kept, before.sum(0) - kept)
+            kept_map = before & after
+            kept = kept_map.sum(0)
+            self.probe.record_counts(binding.slot, kept, before.sum(0) - kept, kept_map)
             self._ctx.counted = True
         except Exception as exc:
             self._fail(exc)
@@ -331,6 +334,14 @@ class MegatronProbe:
         self.probe.failed = True  # reported to every rank at the next flush
 
     # ---- API -------------------------------------------------------------------------------
+
+    def set_domain(self, dataset_ids: torch.Tensor, seq_length: int) -> None:
+        """The coming micro-batch's dataset id per sample (see RoutingProbe.set_sample_domains);
+        call before its forward. Never raises into training."""
+        try:
+            self.probe.set_sample_domains(dataset_ids, seq_length)
+        except Exception as exc:
+            self._fail(exc)
 
     def step(self) -> None:
         # Steps are counted even when disabled so every rank's history stays the same shape.

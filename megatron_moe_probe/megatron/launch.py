@@ -138,8 +138,12 @@ def _device() -> torch.device:
     return torch.device("cpu")  # CPU tests only; pretrain() itself needs CUDA
 
 
-def get_batch(data_iterator, vp_stage: Optional[int] = None):
+def get_batch(data_iterator, vp_stage: Optional[int] = None, dataset_ids: Optional[list] = None):
     """(tokens, labels, loss_mask, attention_mask, position_ids) for this rank.
+
+    `dataset_ids`, a list, receives the micro-batch's dataset id per sample ([micro_batch]
+    tensor: BlendedDataset's `dataset_id`, broadcast over the TP group like the batch) when
+    the data has them, else None.
 
     TP rank 0 reads the data loader and broadcasts to its TP group (Megatron's own
     get_batch_on_this_tp_rank); the sequence is then sliced for context parallelism.
@@ -154,11 +158,23 @@ def get_batch(data_iterator, vp_stage: Optional[int] = None):
     args = get_args()
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch: dict = {}
+    ids = None
     if tp_rank == 0:
         raw = next(data_iterator)
         dev = _device()
         batch = {k: (raw[k].to(dev, non_blocking=True) if torch.is_tensor(raw.get(k)) else None) for k in BATCH_KEYS}
         batch["cu_seqlens"] = None
+        if dataset_ids is not None and torch.is_tensor(raw.get("dataset_id")):
+            ids = raw["dataset_id"].to(dev, torch.long, non_blocking=True)
+    if dataset_ids is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+        # Every TP rank routes tokens with sequence parallelism: all need the ids. Shape is
+        # fixed ([micro_batch]), so no host sync; -1 on rank 0 means "no ids in this data".
+        if ids is None:
+            ids = torch.full((args.micro_batch_size,), -1, dtype=torch.long, device=_device())
+        torch.distributed.broadcast(ids, mpu.get_tensor_model_parallel_src_rank(),
+                                    group=mpu.get_tensor_model_parallel_group())
+    if dataset_ids is not None:
+        dataset_ids.append(ids)
     if mpu.get_tensor_model_parallel_world_size() > 1:
         batch = get_batch_on_this_tp_rank(
             batch,
@@ -211,12 +227,17 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     `return_schedule_plan` is what 0.19's combined 1F1B schedule asks for with
     --overlap-moe-expert-parallel-comm (combined_1f1b.py)."""
     from megatron.core.utils import get_attr_wrapped_model
-    from megatron.training import get_timers
+    from megatron.training import get_args, get_timers
 
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
+    session = training.current_session()
+    wants_domains = session is not None and bool(session.domains)
+    ids: Optional[list] = [] if wants_domains else None
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage, ids)
+    if ids:  # the blend's dataset of each sample, for the probe's per-domain counts
+        training.set_batch_domains(ids[0], get_args().seq_length)
     timers("batch-generator").stop()
     if return_schedule_plan:
         plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
@@ -328,6 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     quirks.apply()
     training.install()  # wraps train_step / train / save_checkpoint_and_time before pretrain looks them up
+    training.mark_forward_step_sets_domains()  # forward_step below hands the probe each batch's dataset ids
     args = parse_megatron_args(argv)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(

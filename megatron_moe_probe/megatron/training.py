@@ -52,13 +52,22 @@ class ProbeSession:
     """
 
     def __init__(self, model_chunks, *, interval: int, writers=None, gpus_per_node: Optional[int] = None,
-                 history: Optional[int] = None, timing: bool | str | None = False):
+                 history: Optional[int] = None, timing: bool | str | None = False,
+                 iterations: str = "counts", domains: Optional[list[str]] = None,
+                 dataset_to_domain: Optional[list[int]] = None):
         from megatron_moe_probe.megatron.hooks import attach
+        from megatron_moe_probe.settings import ITERATION_MODES
 
         if timing not in (None, False, True, "all", "forward"):
             raise ValueError(f"timing must be off (None/False), True/'all' or 'forward', got {timing!r}")
+        if iterations not in ITERATION_MODES:
+            raise ValueError(f"iterations must be one of {', '.join(ITERATION_MODES)}, got {iterations!r}")
         self.interval = interval
-        self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval)
+        self.iterations = iterations
+        self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval,
+                            domains=domains, iteration_matrix=iterations == "matrix")
+        if domains and dataset_to_domain is not None:
+            self.probe.probe.set_domain_table(dataset_to_domain)
         if timing:  # True / "all": forward and backward; "forward": forward only
             self.probe.enable_timing(backward=timing != "forward")
         self.writers = writers
@@ -80,6 +89,17 @@ class ProbeSession:
         if self.alive:
             self.probe.probe.discard_current()
             self._reruns += 1
+
+    @property
+    def domains(self) -> list[str]:
+        return self.probe.probe.domains
+
+    def set_batch_domains(self, dataset_ids, seq_length: int) -> None:
+        """Before a micro-batch's forward: its dataset id per sample (`batch["dataset_id"]` of
+        Megatron's BlendedDataset, shape [micro_batch]), and the sequence length. Device work
+        only (a lookup, a tile, one copy into a fixed buffer); a no-op without domains."""
+        if self.alive and self.probe.probe.domains and dataset_ids is not None:
+            self.probe.set_domain(dataset_ids, seq_length)
 
     def after_step(self, iteration: int, skipped: bool = False) -> Optional[IntervalReport]:
         """Call once per training iteration, with the number of completed iterations; `skipped`
@@ -112,7 +132,7 @@ class ProbeSession:
         snap.meta.update(skipped_iterations=self._skipped, reruns=self._reruns)
         self._skipped, self._reruns = [], 0
         try:
-            report = build_report(snap)  # local: on failure skip this report but stay in step with
+            report = build_report(snap, keep_iterations=self.iterations != "off")  # local: on failure skip this report but stay in step with
         except Exception as exc:  # the other ranks, which will all-reduce again next interval
             log.warning("moe-probe: could not summarize the interval ending at %d: %r", iteration, exc)
             return None
@@ -178,10 +198,18 @@ def _make_session(model) -> Optional[ProbeSession]:
         tb = get_tensorboard_writer()
     except Exception:
         tb = None
+    try:
+        domains, dataset_to_domain = blend_domains(args, settings.domains)
+    except ValueError as exc:  # a bad --moe-probe-domains: count without domains rather than not at all
+        log.warning("moe-probe: per-domain counts off: %s", exc)
+        domains, dataset_to_domain = [], []
     session = ProbeSession(model, interval=settings.interval, gpus_per_node=settings.gpus_per_node,
-                           history=settings.history, timing=settings.timing)
+                           history=settings.history, timing=settings.timing, iterations=settings.iterations,
+                           domains=domains, dataset_to_domain=dataset_to_domain)
     meta = collect_run_meta(args, dispatcher=getattr(args, "moe_token_dispatcher_type", None),
-                            extra={"probe": settings.to_dict(), "world_size": world})
+                            extra={"probe": settings.to_dict(), "world_size": world,
+                                   "domains": {"names": domains, "dataset_to_domain": dataset_to_domain,
+                                               "datasets": blend_prefixes(args) if domains else []}})
     session.writers = make_writers(
         settings.writers, settings.out_dir, meta, rank=0 if rank == writer_rank else 1,
         heatmap_every=settings.heatmap_every, tensorboard_writer=tb,
@@ -191,6 +219,92 @@ def _make_session(model) -> Optional[ProbeSession]:
         log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings.interval,
                     ",".join(session.writers.names) or "none", settings.out_dir)
     return session
+
+
+def blend_prefixes(args) -> Optional[list[str]]:
+    """The training blend's dataset prefixes in the order of BlendedDataset's dataset ids
+    (`--data-path`, or `--train-data-path`), or None."""
+    try:
+        from megatron.training.utils import get_blend_and_blend_per_split
+
+        blend, per_split = get_blend_and_blend_per_split(args)
+    except Exception:
+        return None
+    if blend is None and per_split is not None:
+        blend = per_split[0]
+    return list(blend[0]) if blend else None
+
+
+def blend_domains(args, spec: Optional[str]) -> tuple[list[str], list[int]]:
+    from megatron_moe_probe.settings import resolve_domains
+
+    if getattr(args, "mock_data", False):
+        return [], []
+    return resolve_domains(blend_prefixes(args), spec)
+
+
+def mark_forward_step_sets_domains() -> None:
+    """The training script's forward step calls `set_batch_domains` itself (moe-probe train's
+    worker does): do not also peek at the data iterator."""
+    _state["forward_step_sets_domains"] = True
+
+
+def current_session() -> Optional[ProbeSession]:
+    """The session `install()` started, if any (for forward steps and callbacks)."""
+    return _state["session"]
+
+
+def set_batch_domains(dataset_ids, seq_length: int) -> None:
+    """For forward steps and training callbacks (e.g. a Megatron-Bridge callback): the coming
+    micro-batch's dataset id per sample. Does nothing without a session or without domains."""
+    session = _state["session"]
+    if session is not None:
+        session.set_batch_domains(dataset_ids, seq_length)
+
+
+def peek_batch_domains(data_iterator, session: ProbeSession, seq_length: int):
+    """For scripts whose forward step does not call `set_batch_domains` (Megatron-LM's
+    pretrain_gpt.py): make `data_iterator` hand each batch's `dataset_id` to the session as
+    the batch is drawn, i.e. just before that micro-batch's forward. A RerunDataIterator keeps
+    its class (Megatron checks it) through a subclass whose __next__ peeks, so replayed
+    batches are labelled too; other iterators get a thin wrapper. Lists (virtual pipeline
+    stages) are handled item by item. Idempotent."""
+    if isinstance(data_iterator, list):
+        return [peek_batch_domains(d, session, seq_length) for d in data_iterator]
+    if data_iterator is None or getattr(data_iterator, "_moe_probe_peek", False):
+        return data_iterator
+
+    def peek(batch):
+        if isinstance(batch, dict):
+            session.set_batch_domains(batch.get("dataset_id"), seq_length)
+        return batch
+
+    try:
+        from megatron.core.rerun_state_machine import RerunDataIterator
+    except Exception:  # pragma: no cover
+        RerunDataIterator = ()
+    if RerunDataIterator and isinstance(data_iterator, RerunDataIterator):
+        base = type(data_iterator)
+        data_iterator.__class__ = type(base.__name__, (base,), {
+            "__next__": lambda self: peek(base.__next__(self)), "_moe_probe_peek": True})
+        return data_iterator
+    return _PeekingIterator(data_iterator, peek)
+
+
+class _PeekingIterator:
+    _moe_probe_peek = True
+
+    def __init__(self, inner, peek):
+        self._inner, self._peek = inner, peek
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._peek(next(self._inner))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def _session_for(model) -> Optional[ProbeSession]:
@@ -255,6 +369,10 @@ def install() -> None:
             kwargs["forward_backward_func"] = _counting_forward_backward(session, kwargs["forward_backward_func"])
         elif where is not None:
             args = args[:where] + (_counting_forward_backward(session, args[where]),) + args[where + 1:]
+        if session.domains and not _state.get("forward_step_sets_domains"):
+            from megatron.training import get_args
+
+            data_iterator = peek_batch_domains(data_iterator, session, get_args().seq_length)
         session.start_step()
         try:
             out = original_step(forward_step_func, data_iterator, model, *args, **kwargs)

@@ -35,6 +35,7 @@ class LocalWriter:
     def write(self, report: IntervalReport) -> None:
         if self._file is None:
             raise RuntimeError("the local writer is closed")
+        record.write_arrays(self.dir, report)  # before the record that points to it
         record.append_report(self._file, report)
         self._count += 1
         if self.parquet_every and self._count % self.parquet_every == 0:
