@@ -3,12 +3,19 @@
 Each subcommand is a module of `megatron_moe_probe.commands` exposing
 `add_arguments(parser)` and `run(args) -> int`; the table below maps names to modules
 so that only the chosen subcommand's imports are paid for.
+
+Every mistake ends the same way: one line `moe-probe COMMAND: error: ...` on stderr and exit
+code 2, never a traceback (`main`'s handlers below are the one place that decides this).
+A closed output pipe (`moe-probe recommend --json | head`) ends quietly with 141, as the
+shell's own tools do. A bug still says so in one line (exit 1); MOE_PROBE_TRACEBACK=1 shows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from megatron_moe_probe.errors import UsageError
@@ -29,15 +36,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-dataset": ("megatron_moe_probe.commands.build_dataset", "build a Megatron indexed dataset (.bin/.idx) from local text files"),
 }
 
+EXIT_USAGE = 2
+EXIT_BUG = 1
+EXIT_PIPE = 128 + 13  # SIGPIPE, what `yes | head` reports
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an argument error is one line naming the command, and `--help` as usual."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-probe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = OneLineParser(prog="moe-probe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         # Arguments are registered lazily below, only for the chosen command.
     return parser
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`cannot write /x/y: No space left on device` from an OSError, naming its file."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    target = exc.filename if exc.filename is not None else None
+    if target is None:
+        return reason
+    verb = "cannot read" if exc.errno in (errno.ENOENT,) else "cannot write"
+    return f"{verb} {os.fsdecode(target)}: {reason}"
+
+
+def _closed_pipe() -> int:
+    # Nothing more can reach the reader; make the interpreter's final flush of stdout quiet too.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_PIPE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,17 +84,39 @@ def main(argv: list[str] | None = None) -> int:
     # First pass: find the command without validating its arguments.
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help / the unknown-command error and exits
-        return 2
+        return EXIT_USAGE
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    sub_parser = argparse.ArgumentParser(prog=f"moe-probe {name}", description=COMMANDS[name][1])
-    module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
+    prog = f"moe-probe {name}"
     try:
-        return int(module.run(args) or 0)
+        module = importlib.import_module(COMMANDS[name][0])
+        sub_parser = OneLineParser(prog=prog, description=COMMANDS[name][1])
+        module.add_arguments(sub_parser)
+        args = sub_parser.parse_args(argv[1:])
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except UsageError as exc:
-        print(f"moe-probe {name}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a full or read-only disk, a missing folder, a directory for a file
+        if exc.errno == errno.EPIPE:
+            return _closed_pipe()
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("MOE_PROBE_TRACEBACK"):
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"{prog}: internal error: {type(exc).__name__}{': ' + text if text else ''} "
+              "(MOE_PROBE_TRACEBACK=1 shows where; please report it)", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -161,6 +161,99 @@ class CorruptRunError(UsageError, ValueError):
     """A run folder that cannot be read (corruption other than a cut-short last line)."""
 
 
+# ---------------------------------------------------------------------------- one run per folder
+
+# What every run writes into its folder; a command adds its own (train.jsonl, imbalance.png, ...).
+RUN_FILES = (META_FILE, INTERVALS_FILE, LAYERS_FILE, ITERATIONS_DIR)
+
+
+def holds_run(folder: str | os.PathLike[str]) -> bool:
+    """Whether `folder` holds a moe-probe run: its meta.json names our format, or it has records."""
+    folder = Path(folder)
+    if (folder / INTERVALS_FILE).exists():
+        return True
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("store"), dict) and \
+        meta["store"].get("format") == STORE_FORMAT
+
+
+def _taken(folder: Path, files: Iterable[str]) -> list[str]:
+    return [name for name in dict.fromkeys((*RUN_FILES, *files)) if (folder / name).exists()]
+
+
+def claim_run_folder(folder: str | os.PathLike[str], *, files: Iterable[str] = (), overwrite: bool = False,
+                     flag: str = "--out") -> Path:
+    """Make `folder` ready to hold one new run, or refuse with one line (UsageError).
+
+    A folder that does not exist is created. One that has none of the run's files (RUN_FILES
+    plus `files`, the names the command itself writes) is used as it is: other files in it are
+    left alone. One that holds another run is refused unless `overwrite`, which removes that
+    run's files (only those) first. A file of the same name that no run wrote is never touched."""
+    folder = Path(folder)
+    files = tuple(files)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file, not a folder")
+    taken = _taken(folder, files)
+    if taken:
+        if not holds_run(folder):
+            raise UsageError(f"{flag} {folder}: {', '.join(taken)} already there and not a moe-probe run's; "
+                             f"choose another {flag} (nothing was changed)")
+        if not overwrite:
+            raise UsageError(f"{flag} {folder} already holds a run ({', '.join(taken)}); choose a new {flag}, "
+                             f"or add --overwrite to replace that run on purpose")
+        for name in taken:
+            target = folder / name
+            if target.is_dir() and not target.is_symlink():
+                import shutil
+
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        log.info("moe-probe: removed the earlier run in %s (--overwrite)", folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _temp_beside(folder / ".write-test")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write the run folder {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def fresh_run_folder(base: str | os.PathLike[str]) -> Path:
+    """A new, empty folder: `base`, else `base-2`, `base-3`, ... (created here, so two runs started
+    in the same second never share one)."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run folder next to {base}")
+
+
+def training_run_folder(folder: str | os.PathLike[str], *, resumed: bool) -> Path:
+    """The folder a training run's probe writes to (Megatron flags, `moe-probe train`).
+
+    A run resumed from a checkpoint (Megatron's iteration > 0) appends to its own folder, where
+    its later records supersede those past the resumed iteration. A fresh run never writes into
+    a folder that holds another run (or files of that name): it takes `<folder>-2`, `-3`, ...
+    and says so once. Never raises for that (the probe must not stop training)."""
+    folder = Path(folder)
+    if (resumed and holds_run(folder)) or not (folder.exists() and _taken(folder, ())):
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    fresh = fresh_run_folder(folder)
+    log.warning("moe-probe: %s already holds another run (this one starts at iteration 0, not resumed); "
+                "writing this run to %s instead", folder, fresh)
+    return fresh
+
+
 # ---------------------------------------------------------------------------- encoding
 
 
@@ -199,10 +292,52 @@ def decode_report(data: dict[str, Any]) -> IntervalReport:
     missing = [f for f in ("step", "layers", "per_layer") if f not in data]
     if missing:
         raise ValueError(f"not an interval record (missing {', '.join(missing)})")
+    _check_shape(data)
     per_layer = [
         {k: (math.nan if v is None else v) for k, v in row.items()} for row in data.get("per_layer", [])
     ]
     return IntervalReport.from_dict({**data, "per_layer": per_layer})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """A record's fields have the types and lengths the readers rely on (ValueError otherwise),
+    so that a damaged record is one clear error, not a TypeError deep in an analysis."""
+    for name in ("step", "steps", "num_experts", "ep_size"):
+        if name in data and not _is_int(data[name]):
+            raise ValueError(f"{name} is {data[name]!r}, not an integer")
+    if "time" in data and not isinstance(data["time"], (int, float)):
+        raise ValueError(f"time is {data['time']!r}, not a number")
+    layers, per_layer = data["layers"], data["per_layer"]
+    if not isinstance(layers, list) or not all(_is_int(n) for n in layers):
+        raise ValueError("layers is not a list of layer numbers")
+    if not isinstance(per_layer, list) or not all(isinstance(row, dict) for row in per_layer):
+        raise ValueError("per_layer is not a list of objects")
+    if len(per_layer) != len(layers):
+        raise ValueError(f"{len(per_layer)} per_layer rows for {len(layers)} layers")
+    for row in per_layer:
+        bad = [k for k, v in row.items() if v is not None and not isinstance(v, (int, float))]
+        if bad:
+            raise ValueError(f"per_layer statistic {bad[0]!r} is not a number")
+    for name, depth in (("tokens_per_expert", 2), ("dropped_per_expert", 2), ("rank_matrix", 3)):
+        value = data.get(name, [])
+        if not _nested_numbers(value, depth):
+            raise ValueError(f"{name} is not a {depth}-level list of counts")
+    if data.get("tokens_per_expert") and len(data["tokens_per_expert"]) != len(layers):
+        raise ValueError(f"tokens_per_expert has {len(data['tokens_per_expert'])} rows for {len(layers)} layers")
+    if "meta" in data and not isinstance(data["meta"], dict):
+        raise ValueError("meta is not an object")
+
+
+def _nested_numbers(value: Any, depth: int) -> bool:
+    if not isinstance(value, list):
+        return False
+    if depth == 1:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return all(_nested_numbers(v, depth - 1) for v in value)
 
 
 def _import_pyarrow() -> tuple[Any, Any]:
@@ -391,6 +526,57 @@ def append_report(file: IO[str], report: IntervalReport) -> None:
     file.flush()
 
 
+class LineLog:
+    """A JSON-lines file a run writes besides its records (the demo's train.jsonl), as durable
+    as they are: each line is one unbuffered write() straight to the OS, so a kill loses at most
+    the line being written (readers skip a cut-short last line). A failure to open or write (a
+    full or read-only disk) warns once and turns the log off; it never raises into training,
+    and `close()` never raises."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.failed: str | None = None
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, data: dict[str, Any]) -> None:
+        if self._fd is None:
+            return
+        line = (json.dumps(to_json_safe(data), allow_nan=False) + "\n").encode()
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self._fail(exc)
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _fail(self, exc: OSError) -> None:
+        self.failed = f"{exc.strerror or exc}"
+        log.warning("moe-probe: cannot write %s (%s); training continues without it", self.path, self.failed)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def write_run(run_dir: str | os.PathLike[str], reports: Iterable[IntervalReport],
               meta: dict[str, Any] | None = None) -> Path:
     """A run folder from reports made elsewhere (tests, converters of other recorders): meta.json
@@ -426,9 +612,12 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not meta_path.exists():
         return {}
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CorruptRunError(f"{meta_path}: not valid JSON ({exc})") from exc
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptRunError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptRunError(f"{meta_path}: not a JSON object (a {type(meta).__name__})")
+    return meta
 
 
 def iter_reports(path: str | os.PathLike[str]) -> list[IntervalReport]:
@@ -452,11 +641,15 @@ def iter_reports(path: str | os.PathLike[str]) -> list[IntervalReport]:
                 )
             try:
                 data = json.loads(raw)
-                if isinstance(data, dict) and data.get("kind", "interval") != "interval":
-                    continue  # a record kind from a newer writer: not ours to read
-                reports.append(decode_report(data))
-            except (ValueError, TypeError) as exc:
+            except ValueError as exc:  # not JSON: cut short by a kill, tolerated as the last line only
                 bad = (lineno, f"{type(exc).__name__}: {exc}")
+                continue
+            if isinstance(data, dict) and data.get("kind", "interval") != "interval":
+                continue  # a record kind from a newer writer: not ours to read
+            try:
+                reports.append(decode_report(data))
+            except (ValueError, TypeError) as exc:  # whole JSON but not a record: damaged, wherever it is
+                raise CorruptRunError(f"{file}:{lineno}: not a valid interval record ({exc})") from None
     if bad is not None:
         log.warning(
             "moe-probe: %s:%d: skipped a cut-short last record (%s); the run was probably interrupted",

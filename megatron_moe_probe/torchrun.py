@@ -100,6 +100,11 @@ def torchrun_command(megatron_args: list[str], *, recipe: Optional[str] = None, 
     """(command, processes per node, nodes); node and process counts default to the recipe's."""
     from megatron_moe_probe import recipes
 
+    for flag, value in (("--nproc-per-node", nproc_per_node), ("--nnodes", nnodes)):
+        if value is not None and value < 1:  # 0 is a mistake, not "the default"
+            raise UsageError(f"{flag} {value}: must be at least 1")
+    if not 0 < master_port < 65536:
+        raise UsageError(f"--master-port {master_port}: not a TCP port (1-65535)")
     nnodes_, nproc = nnodes, nproc_per_node
     if recipe is not None and (nnodes_ is None or nproc is None):
         par = recipes.load_recipe(f"{recipe}:{variant}" if variant else recipe).parallelism

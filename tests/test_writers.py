@@ -588,7 +588,9 @@ def test_console_table_has_a_row_per_layer(capsys):
             row.pop(key)
     report.per_layer[2]["dispatch_fwd_ms"] = 1.234  # ... except this one
 
-    w = ConsoleWriter()
+    from rich.console import Console
+
+    w = ConsoleWriter(console=Console(width=200))  # a wide terminal: one table
     w.write(report)
     w.close()
     out = capsys.readouterr().out
@@ -603,8 +605,8 @@ def test_console_table_has_a_row_per_layer(capsys):
     def pct(v):
         return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}%"
 
-    header = next(line for line in out.splitlines() if line.strip().startswith("layer"))
-    assert "dispatch fwd ms" in header and "combine fwd ms" not in header
+    headers = "\n".join(line for line in out.splitlines()[:6])
+    assert "dispatch" in headers and "combine" not in headers
     for layer, stats in zip(report.layers, report.per_layer):
         g = stats.get
         expected = [
@@ -626,6 +628,22 @@ def test_console_table_has_a_row_per_layer(capsys):
         ]
         lines = [line.split() for line in out.splitlines() if line.split()[:1] == [str(layer)]]
         assert lines == [expected], (layer, lines)
+
+
+def test_console_table_fits_80_columns_without_cut_cells(capsys):
+    """An 80-column terminal (or a log) gets every value whole: a table too wide is split."""
+    from rich.console import Console
+
+    from megatron_moe_probe.writers.console import ConsoleWriter, table_rows
+
+    report = make_report(40, layers=(2, 5, 11))  # every column, timing and drops included
+    ConsoleWriter(console=Console(width=80)).write(report)
+    out = capsys.readouterr().out
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
+    assert "…" not in out
+    words = out.split()
+    for cells in table_rows(report):
+        assert all(c in words for c in cells)
 
 
 def test_heatmap_values_and_png():

@@ -23,3 +23,37 @@ def args_after_dashdash(parse):
         return ns
 
     return parse_args
+
+
+def print_json(data) -> None:
+    """Strict JSON on stdout (every `--json`): NaN and infinities become null, as in the records."""
+    import json
+
+    from megatron_moe_probe.record import to_json_safe
+
+    print(json.dumps(to_json_safe(data), indent=1, allow_nan=False))
+
+
+def output_file(path: str | None, flag: str, suffix: str | None = None):
+    """Check an output file argument before any work starts; returns it as a Path (or None).
+
+    It must not be a directory, its folder must exist and be writable, and with `suffix`
+    (".png") it must end in it, so that the file written is exactly the one named."""
+    import os
+    from pathlib import Path
+
+    from megatron_moe_probe.errors import UsageError
+
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; name a file" + (f" ending {suffix}" if suffix else ""))
+    if suffix and p.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path}: name a {suffix} file (e.g. {p.with_suffix(suffix)})")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
+    return p

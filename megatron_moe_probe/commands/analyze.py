@@ -4,10 +4,9 @@ all-to-all (analysis/ does the work; docs/analysis.md has the formulas)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import fields
 from pathlib import Path
+from dataclasses import fields
 
 from megatron_moe_probe.analysis import a2a_cost
 from megatron_moe_probe.analysis.domains import batch_size_sweep
@@ -16,7 +15,7 @@ from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.analysis.run_analysis import AnalysisOptions, analyze
 from megatron_moe_probe.analysis.runs import load_window
 from megatron_moe_probe.commands import analyze_output as render
-from megatron_moe_probe.record import to_json_safe
+from megatron_moe_probe.commands import output_file, print_json
 
 
 def _int_list(text: str) -> list[int]:
@@ -67,6 +66,7 @@ def options_from(args: argparse.Namespace) -> AnalysisOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    plot = output_file(args.plot, "--plot", ".png")  # checked before the run is read
     window = load_window(args.run, args.steps, args.layers)
     result = analyze(window, options_from(args))
     if args.drift_windows < 1:
@@ -76,16 +76,13 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         result["sweep"] = batch_size_sweep([window] + [load_window(r, args.steps, args.layers) for r in args.sweep])
     if args.json:
-        json.dump(to_json_safe(result), sys.stdout, indent=1)
-        print()
+        print_json(result)
     else:
         render.print_result(result, show_mapping=args.mapping)
-    if args.plot:
-        render.plot(result, Path(args.plot))
-        if not args.json:
-            print(f"plot: {args.plot}")
+    if plot:
+        render.plot(result, plot)
+        print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
     if args.plot_dir:
         written = render.plot_questions(result, Path(args.plot_dir))
-        if not args.json:
-            print("plots: " + ", ".join(str(p) for p in written))
+        print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -13,15 +14,16 @@ from megatron_moe_probe.values import nan_median
 
 
 def _table(title: str, headers: list[str], caption: str | None = None) -> Table:
+    # One space between columns, headers wrapped at their spaces: the tables fit 80 columns.
     table = Table(title=title, caption=caption, caption_justify="left", title_justify="left",
-                  min_width=min(len(title) + 2, 140))
+                  box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right")
+        table.add_column(header, justify="left" if i == 0 else "right", overflow="fold")
     return table
 
 
 def print_result(result: dict, show_mapping: bool = False, console: Console | None = None) -> None:
-    console = console or Console(width=max(Console().width, 120))
+    console = console or Console()  # the terminal's width (80 in a log); tables wrap their headers
     run = result["run"]
     console.print(f"[bold]{run['path']}[/bold]: {run['num_experts']} experts, EP={run['ep_size']}, "
                   f"layers {', '.join(map(str, run['layers']))}, iterations {run['first_step']}-{run['last_step']} "
@@ -233,17 +235,22 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set(xlabel="EP", ylabel="busiest rank / mean", title="EP what-if (contiguous placement)")
     axes[0].legend(fontsize="small")
 
-    # Bars grow from 1.0 (perfect balance); one colour per strategy, hatched on the test window.
+    # Bars from 0, so a placement at perfect balance (1.0, the dotted line) is a full bar too; one
+    # colour per strategy, hatched on the test window; the legend below the axes, never on a bar.
     data = result["placement"]
     windows = ["fit"] + (["test"] if data["test_window"] else [])
     width = 0.8 / (len(STRATEGIES) * len(windows))
     colours = dict(zip(STRATEGIES, ("tab:gray", "tab:blue", "tab:green")))
     for k, (w, name) in enumerate((w, name) for w in windows for name in STRATEGIES):
-        axes[1].bar([i + k * width for i in range(len(layers))], [row[name][w] - 1 for row in data["layers"]], width,
-                    bottom=1, color=colours[name], label=f"{name} ({w})", hatch="//" if w == "test" else None)
+        axes[1].bar([i + k * width for i in range(len(layers))], [row[name][w] for row in data["layers"]], width,
+                    color=colours[name], label=f"{name} ({w})", hatch="//" if w == "test" else None)
+    axes[1].axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    axes[1].set_ylim(bottom=0)
     axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [str(n) for n in layers])
-    axes[1].set(xlabel="layer", ylabel="busiest rank / mean", title=f"placement at EP={data['ep']}")
-    axes[1].legend(fontsize="small")
+    axes[1].set(xlabel="layer", ylabel="busiest rank / mean rank (1.0 = balanced)",
+                title=f"expert placement at EP={data['ep']}")
+    axes[1].legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18),
+                   ncol=len(STRATEGIES), frameon=False)
 
     if panels == 3:
         against = result["against"]
@@ -254,7 +261,7 @@ def plot(result: dict, path: Path) -> None:
         axes[2].set_xticks(layers, [str(n) for n in layers])
         axes[2].set(xlabel="layer", ylabel=f"Gini ({basis})", title="routing Gini by run")
         axes[2].legend(fontsize="small")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # exactly `path`, whatever its name ends in
 
 
 def plot_questions(result: dict, folder: Path) -> list[Path]:
@@ -270,7 +277,7 @@ def plot_questions(result: dict, folder: Path) -> list[Path]:
 
     def save(fig, name):
         path = folder / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
         written.append(path)
 
     data = result.get("domains")

@@ -6,7 +6,11 @@ import argparse
 import sys
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.megatron.data import blend_arguments, build, build_domains
+from megatron_moe_probe.quiet import quiet_cpu_notices
+
+quiet_cpu_notices()  # before megatron.core is imported below: its TE/Apex notices say nothing here
+
+from megatron_moe_probe.megatron.data import blend_arguments, build, build_domains  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-lines", action="store_true", help="one document per non-empty line (plain text files)")
     p.add_argument("--json-key", default="text", help="the text field of .jsonl inputs (default: text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("build-dataset needs --input and --output-prefix (or --domains DIR)")
     result = build(args.input, args.output_prefix, tokenizer=args.tokenizer, append_eod=args.append_eod,
                    split_lines=args.split_lines, json_key=args.json_key,
-                   progress=not args.no_progress and sys.stderr.isatty())
+                   progress=not args.no_progress and sys.stderr.isatty(), overwrite=args.overwrite)
     print(f"wrote {result.prefix}.bin / .idx: {result.documents} documents, {result.tokens} tokens "
           f"from {result.files} file(s), {result.dtype}, tokenizer {result.tokenizer.name} "
           f"(vocab {result.tokenizer.vocab_size}, EOD {result.tokenizer.eod})")

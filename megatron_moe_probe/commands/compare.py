@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from megatron_moe_probe.commands import output_file, print_json
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.offline.compare import compare
 from megatron_moe_probe.values import format_or_dash as _fmt
@@ -19,11 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", action="append", default=[], metavar="RUN=FILE",
                    help="Megatron's stdout for a run (default: RUN/megatron.log when present; "
                         "for a wandb run, Megatron's wandb keys)")
-    p.add_argument("--warmup", type=int, default=10, help="ignore intervals ending at or before this iteration")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="ignore intervals ending at or before this iteration (default 10); a run that ends "
+                        "within the warm-up is taken whole, with a warning")
     p.add_argument("--wandb-timeout", type=int, default=30, metavar="S",
                    help="for wandb:... runs, seconds a request to the wandb server may take "
                         "(tried twice; default 30)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (strict: no NaN, null instead)")
+    p.add_argument("--wide", action="store_true",
+                   help="every column (worst step, rank max/mean, receiver skew, dispatch/combine ms); "
+                        "the default table fits 80 columns")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot per-layer max/mean of every run")
 
 
@@ -39,45 +44,69 @@ def parse_log_options(items: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be 0 or more")
+    if args.wandb_timeout < 1:
+        raise UsageError(f"--wandb-timeout {args.wandb_timeout}: must be at least 1 second")
+    plot = output_file(args.plot, "--plot", ".png")  # checked before any run is read
     rows = compare(args.runs, parse_log_options(args.log), args.warmup, args.wandb_timeout)
+    warn_about_warmup(rows)
     if args.json:
-        json.dump(rows, sys.stdout, indent=1, default=str)
-        print()
+        print_json(rows)
     else:
-        print_table(rows)
-    if args.plot:
-        plot_runs(rows, Path(args.plot))
-        print(f"plot: {args.plot}")
+        print_table(rows, wide=args.wide)
+    if plot:
+        plot_runs(rows, plot)
+        print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
-def print_table(rows: list[dict]) -> None:
+def warn_about_warmup(rows: list[dict]) -> None:
+    for row in rows:
+        if row.get("warmup") and row.get("warmup_used") == 0:
+            print(f"moe-probe compare: warning: {row['run']} ends at iteration {row.get('last_step')}, within "
+                  f"--warmup {row['warmup']}; its medians are over all {row['intervals']} interval(s)",
+                  file=sys.stderr)
+
+
+# (header, row key, format); two-line headers keep the table inside 80 columns.
+COLUMNS = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("ran", "ran", "s"), ("status", "status", "s"),
+           ("EP", "ep", "d"), ("data", "data", "s"),
+           ("ms/\niter", "ms_per_iter", ".1f"), ("TFLOP/s\n/GPU", "tflops_per_gpu", ".1f"),
+           ("max mem\nMB", "max_allocated_mb", ".0f"), ("final\nloss", "final_lm_loss", ".4f"),
+           ("Δ loss\nsame data", "loss_delta_vs_first", "+.4f"), ("max/\nmean", "max_over_mean", ".3f"),
+           ("gini", "gini", ".3f")]
+WIDE_COLUMNS = [("worst\nstep", "max_over_mean_step_worst", ".3f"), ("rank\nmax/mean", "rank_max_over_mean", ".3f"),
+                ("recv\nskew", "receiver_skew", ".3f"), ("dispatch\nfwd ms", "dispatch_fwd_ms", ".2f"),
+                ("combine\nfwd ms", "combine_fwd_ms", ".2f")]
+
+
+def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
+    """The rows as a table at the terminal's width (80 in a log, never a fixed one); columns that
+    do not fit go to a second table that repeats the run column."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="runs compared (medians over intervals after warm-up)")
-    columns = [("run", "run", "s"), ("dispatcher", "dispatcher", "s"), ("ran", "ran", "s"), ("status", "status", "s"),
-               ("EP", "ep", "d"),
-               ("ms/iter", "ms_per_iter", ".1f"), ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
-               ("max mem MB", "max_allocated_mb", ".0f"), ("final loss", "final_lm_loss", ".4f"),
-               ("Δ loss", "loss_delta_vs_first", "+.4f"), ("max/mean", "max_over_mean", ".3f"),
-               ("worst step", "max_over_mean_step_worst", ".3f"), ("gini", "gini", ".3f"),
-               ("rank max/mean", "rank_max_over_mean", ".3f"), ("recv skew", "receiver_skew", ".3f"),
-               ("dispatch fwd ms", "dispatch_fwd_ms", ".2f"), ("combine fwd ms", "combine_fwd_ms", ".2f")]
+    from megatron_moe_probe.writers.console import column_chunks
+
+    console = console or Console()
+    columns = COLUMNS + (WIDE_COLUMNS if wide else [])
     # Columns no run has (CPU runs log no TFLOP/s or memory, runs without timing no dispatch ms) are left out.
     columns = [c for c in columns if c[1] in ("run", "dispatcher", "status") or any(
         _fmt(row.get(c[1]), c[2]) != "-" for row in rows)]
-    names = [Path(row["run"]).name for row in rows]
-    for header, *_ in columns:
-        if header == "run":
-            table.add_column(header, no_wrap=True, min_width=max(map(len, names)))
-        else:
-            table.add_column(header, justify="left" if header == "dispatcher" else "right")
-    for row in rows:
-        shown = dict(row, run=Path(row["run"]).name)  # the folder name; --json keeps the path
-        table.add_row(*[_fmt(shown.get(key), spec) for _, key, spec in columns])
-    console = Console(width=max(Console().width, 160))
-    console.print(table)
+    headers = [header for header, *_ in columns]
+    cells = [[_fmt(dict(row, run=Path(row["run"]).name).get(key), spec) for _, key, spec in columns]
+             for row in rows]  # the folder name; --json keeps the path
+    for part, chunk in enumerate(column_chunks(headers, cells, console.width)):
+        table = Table(title="runs compared (medians over intervals after warm-up)" if part == 0 else None,
+                      box=box.SIMPLE_HEAD, padding=0, pad_edge=False, title_justify="left")
+        for j in (0, *chunk):
+            left = headers[j] in ("run", "dispatcher", "ran", "status", "data")
+            table.add_column(headers[j], justify="left" if left else "right", no_wrap=True)
+        for row_cells in cells:
+            table.add_row(*(row_cells[j] for j in (0, *chunk)))
+        console.print(table)
     for row in rows:
         if row.get("status") == "environment limit":
             console.print(f"{Path(row['run']).name}: ENVIRONMENT LIMIT ({row['environment_limit']}): not performance "
@@ -101,4 +130,4 @@ def plot_runs(rows: list[dict], path: Path) -> None:
         fig.legend(loc="outside right upper", fontsize="small")  # beside the axes: no line hidden under it
     else:
         ax.legend()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # exactly `path`, whatever its name ends in

@@ -29,28 +29,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-interval console table")
     p.add_argument("--writers", default=None,
                    help="comma list of local, tensorboard, wandb, console (default local, + console unless --quiet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (only its files; without this flag the demo "
+                        "refuses a folder that holds another run)")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_moe_probe.writers.base import parse_writer_names
 
     global_batch = 4 * args.ranks if args.global_batch is None else args.global_batch
-    demo.check_settings(args.steps, args.interval, args.ranks, args.experts, global_batch)
-    out = Path(args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
-    demo.prepare_run_folder(out)
+    demo.check_settings(args.steps, args.interval, args.ranks, args.experts, global_batch, args.lr)
+    writers = parse_writer_names(args.writers) if args.writers else None  # a typo: before anything starts
+    out = demo.prepare_run_folder(Path(args.out) if args.out else None, overwrite=args.overwrite)
 
     from rich.console import Console
 
-    # Logs and CI are not terminals; rich would squeeze the table to 80 columns there.
-    console = Console() if sys.stdout.isatty() else Console(width=120)
+    console = Console()  # the terminal's width (80 in logs, or $COLUMNS): the tables fit it
     console.print(f"[bold]moe-probe demo[/]: Megatron GPTModel, 2 MoE layers x {args.experts} experts (top-2), "
                   f"{args.ranks} CPU ranks over gloo, EP={args.ranks}, {args.dispatcher} dispatcher, "
                   f"{args.data} data, {args.steps} steps -> {out}")
     t0 = time.perf_counter()
-    results = demo.train(out, steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
-                         ranks=args.ranks, experts=args.experts, data=args.data, global_batch=global_batch,
-                         lr=args.lr, quiet=args.quiet,
-                         writers=parse_writer_names(args.writers) if args.writers else None)
+    from megatron_moe_probe.cpu.cluster import RankFailed
+
+    try:
+        results = demo.train(out, steps=args.steps, interval=args.interval, dispatcher=args.dispatcher,
+                             ranks=args.ranks, experts=args.experts, data=args.data, global_batch=global_batch,
+                             lr=args.lr, quiet=args.quiet, writers=writers)
+    except RankFailed as exc:
+        if os.environ.get("MOE_PROBE_TRACEBACK"):
+            print(exc, file=sys.stderr)
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        print(f"moe-probe demo: error: {lines[0].rstrip(':')}: {lines[-1].strip()} "
+              f"(MOE_PROBE_TRACEBACK=1 shows the traceback; records so far in {out})", file=sys.stderr)
+        return 1
     wall = time.perf_counter() - t0
     losses = results[0]["losses"]
     step_s = sorted(results[0]["step_seconds"])[len(losses) // 2]
@@ -69,10 +80,14 @@ def final_report(out: Path, console) -> int:
     if not reports:
         console.print("[red]no probe reports were written[/]")
         return 1
-    table = Table(title=f"Routing imbalance per layer, {len(reports)} intervals to iteration {reports[-1].step}")
-    for col in ("layer", "tokens", "max/mean\nfirst→last", "max/mean\nworst step", "gini", "entropy",
+    from rich import box
+
+    # One space between columns and two-line headers: it fits an 80-column terminal.
+    table = Table(title=f"Routing imbalance per layer, {len(reports)} intervals to iteration {reports[-1].step}",
+                  box=box.SIMPLE_HEAD, padding=0, title_justify="left")
+    for col in ("layer", "tokens", "max/mean\nfirst→last", "worst\nstep", "gini", "entropy",
                 "dead", "EP rank\nmax/mean", "sent to\nother rank"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for i, layer in enumerate(reports[-1].layers):
         first, last = reports[0].per_layer[i], reports[-1].per_layer[i]
         tokens = sum(r.per_layer[i]["tokens"] for r in reports)
@@ -82,7 +97,11 @@ def final_report(out: Path, console) -> int:
                       f"{worst:.2f}", f"{last['gini']:.3f}", f"{last['entropy']:.3f}", f"{last['dead_experts']:.0f}",
                       f"{last['rank_max_over_mean']:.3f}", f"{remote / max(last['tokens'], 1):.0%}")
     console.print(table)
-    plot = plot_run(out, reports)
+    try:
+        plot = plot_run(out, reports)
+    except OSError as exc:  # a full disk at the very end: the records are written, say so and go on
+        console.print(f"[yellow]plot not written: {exc.strerror or exc}[/]")
+        plot = None
     console.print(f"records: {out / 'intervals.jsonl'}" + (f"\nplot:    {plot}" if plot else ""))
     console.print(f"next:    {cli_command()} analyze {out}   (EP what-if, placement, all-to-all cost)")
     return 0
@@ -121,6 +140,6 @@ def plot_run(out: Path, reports) -> Path | None:
     ax3.set(title=f"tokens per expert, iterations to {last.step}", xlabel="expert", ylabel="layer",
             yticks=range(len(last.layers)), yticklabels=[str(n) for n in last.layers])
     fig.colorbar(image, ax=ax3)
-    path = out / "imbalance.png"
-    fig.savefig(path, dpi=110)
+    path = out / demo.PLOT
+    fig.savefig(path, dpi=110, format="png")
     return path

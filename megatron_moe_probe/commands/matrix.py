@@ -85,10 +85,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give recipes or --demo, not both")
     if args.demo and args.megatron_args:
         raise UsageError("Megatron args after -- are for recipe cells; --demo takes none")
+    if args.cell_timeout is not None and not args.cell_timeout > 0:
+        raise UsageError(f"--cell-timeout {args.cell_timeout:g}: must be a positive number of seconds")
+    if args.warmup is not None and args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be 0 or more")
     out = Path(args.out)
     cells = cells_from(args, out)
     if args.demo and args.assume_installed is not None:
         raise UsageError("--assume-installed is for recipe cells; --demo runs alltoall/allgather on CPU")
+    if not args.demo and cells:
+        # The Megatron args every cell appends (yours after --, the probe's): Megatron's parser
+        # checks them once now, not each cell after the one before it trained.
+        from megatron_moe_probe.megatron.flags import check_megatron_args
+
+        command = cells[0].command
+        check_megatron_args(command[command.index("--") + 1:] if "--" in command else [])
     if args.wandb:
         matrix.to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
     if args.dry_run:
@@ -102,15 +113,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
         print(f"## dry run: {len(cells)} cell(s) " + ("listed" if args.demo else "validated") + ", nothing trained")
         return 0
+    matrix.check_out_folder(out, cells)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc}") from None
+        raise UsageError(f"cannot create {out}: {exc.strerror or exc}") from None
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = Console()  # the terminal's width, 80 in a log (or $COLUMNS)
     argv = sys.argv[1:]
     todo = matrix.mark_finished(cells, out, args.rerun)
     if len(todo) < len(cells):
@@ -191,11 +203,13 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
         high = [max(v) - m if v else 0 for m, v in zip(mid, values)]
         ax.bar(x, mid, yerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
         ax.set_title(label, fontsize="medium")
+        ax.set_ylabel(label, fontsize="small")
         ax.set_xticks(list(x), list(groups), rotation=60, ha="right", fontsize="small")
-        if key != "ms_per_iter":
-            ax.set_ylim(bottom=min(1.0, *[m for m in mid if not math.isnan(m)]) if key != "gini" else 0)
+        ax.set_ylim(bottom=0)  # bars from 0: a value at the perfect-balance 1.0 is a bar, not nothing
+        if key in ("max_over_mean", "receiver_skew"):
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="balanced (1.0)")
     fig.suptitle("matrix: median per cell, bars = min-max over repeats")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def _print_spread(spread: list[dict], console) -> None:

@@ -10,10 +10,10 @@ the answer.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from typing import Callable
 
+from megatron_moe_probe.commands import print_json
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card, default_card
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     card = default_card()
     rec = answer(args, card)
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2, default=str))
+        print_json(rec.to_dict())  # strict JSON
     else:
         print(format_text(rec, card, explain=args.explain))
     return 0

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     from megatron_moe_probe.megatron import launch as worker
 
+    from megatron_moe_probe import lifetime
+    from megatron_moe_probe.megatron.flags import check_megatron_args
+
     plan = torchrun.plan_training(args.recipe, variant=args.variant, data_path=args.data_path,
                                   assume_installed=args.assume_installed, include_probe=not args.no_probe,
                                   extra_args=args.megatron_args, dispatcher=args.dispatcher)
@@ -53,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         plan.megatron_args, recipe=args.recipe, variant=args.variant, nnodes=args.nnodes,
         nproc_per_node=args.nproc_per_node, node_rank=args.node_rank, master_addr=args.master_addr,
         master_port=args.master_port)
+    # Megatron's own parser with the probe's flags, before anything is printed or launched:
+    # a mistake (`--moe-probe-interval -3`, an unknown writer, a misspelt flag) costs no GPU time.
+    check_megatron_args(plan.megatron_args)
     notes, env = plan.notes, plan.env
     world = nproc * nnodes
     if plan.recipe_world is not None and world != plan.recipe_world:
@@ -76,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc-per-node {nproc} but this node has {have} GPU(s)")
     child_env = {**os.environ, **env}
     print(f"moe-probe train: {torchrun.format_command(cmd, env)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=child_env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): let it clean up
-        return proc.wait()
+    # Under the guard (lifetime.py): torchrun and every worker stop when this process dies,
+    # whatever the signal (kill -9 included); Ctrl-C and SIGTERM reach torchrun once, through it.
+    proc = subprocess.Popen(lifetime.guarded(cmd), env=child_env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the guard got it too and forwards it to torchrun: wait for the clean-up
+            continue

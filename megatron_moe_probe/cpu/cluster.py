@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field, replace
@@ -58,7 +59,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, conn, parent_pid: int) -> None:
+    from megatron_moe_probe.lifetime import die_with_parent
+
+    die_with_parent(parent_pid)  # a rank never outlives the process that started it (kill -9 included)
+    from megatron_moe_probe.quiet import quiet_cpu_notices
+
+    quiet_cpu_notices()
     try:
         # Megatron warns about every missing optional accelerator package; on CPU that is noise.
         warnings.filterwarnings("ignore")
@@ -78,41 +85,76 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
             except Exception:
                 pass
             dist.destroy_process_group()
-        # Plain pickle copies tensor storage; the queue's own pickler would share it through
+        # Plain pickle copies tensor storage; multiprocessing's own pickler would share it through
         # file descriptors that vanish when this process exits.
-        queue.put((rank, "ok", pickle.dumps(result)))
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException:  # report everything to the parent, which re-raises
-        queue.put((rank, "error", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+    finally:
+        conn.close()
+
+
+class RankFailed(RuntimeError):
+    """A rank raised (its traceback is the message) or died without a word (killed, out of memory)."""
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; return results by rank.
 
-    `fn` must be importable (module level) and its result picklable.
+    `fn` must be importable (module level) and its result picklable. Each rank reports through
+    a pipe of its own (no queue: no semaphores to leak when a run is stopped); a rank that dies
+    without reporting is noticed at once, and the others are stopped. The ranks die with this
+    process, whatever kills it (lifetime.die_with_parent).
     """
+    from multiprocessing.connection import wait
+
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
+    procs, conns = [], {}
+    for r in range(world_size):
+        reader, writer = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=(r, world_size, port, fn, args, writer, os.getpid()))
+        procs.append(p)
+        conns[r] = (reader, writer)
     results: dict[int, Any] = {}
     errors: list[str] = []
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = pickle.loads(payload)
-            else:
-                errors.append(f"rank {rank} failed:\n{payload}")
+        for p in procs:
+            p.start()
+        for _, writer in conns.values():
+            writer.close()  # the child holds it now: EOF on the reader means the rank is gone
+        waiting = {reader: r for r, (reader, _) in conns.items()}
+        deadline = time.monotonic() + timeout
+        while waiting and not errors:
+            ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                errors.append(f"no result from rank(s) {sorted(waiting.values())} after {timeout:g} s")
                 break
+            for reader in ready:
+                rank = waiting.pop(reader)
+                try:
+                    status, payload = pickle.loads(reader.recv_bytes())
+                except (EOFError, OSError):
+                    code = procs[rank].join(timeout=5) or procs[rank].exitcode
+                    errors.append(f"rank {rank} died without a result (exit code {code})")
+                    break
+                if status == "ok":
+                    results[rank] = payload
+                else:
+                    errors.append(f"rank {rank} failed:\n{payload}")
+                    break
     finally:
         for p in procs:
+            if p.pid is None:
+                continue
             p.join(timeout=5 if errors else 60)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
+        for reader, _ in conns.values():
+            reader.close()
     if errors:
-        raise RuntimeError("\n".join(errors))
+        raise RankFailed("\n".join(errors))
     return [results[r] for r in range(world_size)]
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.record import LineLog, claim_run_folder, fresh_run_folder
 
 # Text the demo trains on: real prose and code, shipped with every Python.
 CORPUS_MODULES = ("argparse", "textwrap", "json.decoder", "pathlib", "logging", "dataclasses")
@@ -28,6 +29,8 @@ DATA_SOURCES = ("text", "mock", "random")
 DISPATCHERS = ("alltoall", "allgather")  # the two that run on CPU (flex needs CUDA)
 RANKS = (2, 4, 8)  # processes = EP degree, each holding --experts / ranks experts
 TRAIN_LOG = "train.jsonl"
+PLOT = "imbalance.png"
+RUN_FILES = (TRAIN_LOG, PLOT, "tensorboard", "wandb")  # what the demo writes besides the probe's own files (record.RUN_FILES)
 
 
 def corpus_bytes() -> bytes:
@@ -86,33 +89,40 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     session = ProbeSession([model], interval=settings["interval"], writers=writers, gpus_per_node=world)
 
     data = training_tokens(settings["data"], cfg.vocab_size)
-    train_log = open(Path(settings["out"]) / TRAIN_LOG, "w") if rank == 0 else None
+    # As durable as the probe's records: a kill or a full disk loses at most the last line,
+    # warns once, and never stops training (record.LineLog).
+    train_log = LineLog(Path(settings["out"]) / TRAIN_LOG) if rank == 0 else None
     # Every rank draws the same global batch and trains on its slice: the tokens of a step do not
     # depend on how many ranks share them, so runs at different EP see the same data.
     g = torch.Generator().manual_seed(0)
     mine = slice(rank * cfg.micro_batch_size, (rank + 1) * cfg.micro_batch_size)
     losses, times = [], []
-    for it in range(1, settings["steps"] + 1):
-        t0 = time.perf_counter()
-        starts = torch.randint(0, data.numel() - cfg.seq_length - 1, (settings["global_batch"],), generator=g)[mine]
-        window = torch.stack([data[s : s + cfg.seq_length + 1] for s in starts.tolist()])
-        optimizer.zero_grad(set_to_none=True)
-        loss = cc.forward_backward(model, window[:, :-1], labels=window[:, 1:])
-        cc.allreduce_gradients(model)
-        optimizer.step()
-        session.after_step(it)
-        losses.append(float(loss))
-        times.append(time.perf_counter() - t0)
+    try:
+        for it in range(1, settings["steps"] + 1):
+            t0 = time.perf_counter()
+            starts = torch.randint(0, data.numel() - cfg.seq_length - 1, (settings["global_batch"],),
+                                   generator=g)[mine]
+            window = torch.stack([data[s : s + cfg.seq_length + 1] for s in starts.tolist()])
+            optimizer.zero_grad(set_to_none=True)
+            loss = cc.forward_backward(model, window[:, :-1], labels=window[:, 1:])
+            cc.allreduce_gradients(model)
+            optimizer.step()
+            session.after_step(it)
+            losses.append(float(loss))
+            times.append(time.perf_counter() - t0)
+            if train_log:
+                train_log.write({"iteration": it, "elapsed time per iteration (ms)": times[-1] * 1000,
+                                 "lm loss": losses[-1]})
+        session.close(settings["steps"])
+    finally:
         if train_log:
-            train_log.write(json.dumps({"iteration": it, "elapsed time per iteration (ms)": times[-1] * 1000,
-                                        "lm loss": losses[-1]}) + "\n")
-    session.close(settings["steps"])
-    if train_log:
-        train_log.close()
+            train_log.close()
     return {"losses": losses, "step_seconds": times}
 
 
-def check_settings(steps: int, interval: int, ranks: int, experts: int, global_batch: int) -> None:
+def check_settings(steps: int, interval: int, ranks: int, experts: int, global_batch: int,
+                   lr: float = 3e-3) -> None:
+    """Every argument checked before a process starts (a mistake costs no training time)."""
     if steps < 1 or interval < 1:
         raise UsageError("--steps and --interval must be >= 1")
     if global_batch < ranks or global_batch % ranks:
@@ -120,17 +130,19 @@ def check_settings(steps: int, interval: int, ranks: int, experts: int, global_b
     if experts < ranks or experts % ranks:
         raise UsageError(f"--experts {experts} must be a multiple of --ranks {ranks} (each EP rank holds "
                          f"the same number of experts)")
+    if not (lr > 0 and lr < float("inf")):  # AdamW's own check, made before ten seconds of start-up
+        raise UsageError(f"--lr {lr:g}: the learning rate must be a positive number")
 
 
-def prepare_run_folder(out: Path) -> None:
-    """Create `out` and check it is writable before starting any process."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_test = out / ".write_test"
-        write_test.write_text("")
-        write_test.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write the run folder {out}: {exc}") from None
+def prepare_run_folder(out: Path | None, overwrite: bool = False) -> Path:
+    """The run folder, ready before any process starts: `out` (refused when it holds another
+    run, unless `overwrite`), or a fresh runs/demo-<time>[-N] when `out` is None."""
+    if out is None:
+        try:
+            return fresh_run_folder(Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+        except OSError as exc:
+            raise UsageError(f"cannot create a run folder under runs/: {exc.strerror or exc}") from None
+    return claim_run_folder(out, files=RUN_FILES, overwrite=overwrite, flag="--out")
 
 
 def train(out: Path, *, steps: int, interval: int, dispatcher: str, ranks: int, experts: int, data: str,

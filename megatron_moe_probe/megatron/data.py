@@ -153,14 +153,22 @@ class BuildResult:
 
 
 def build(inputs: list[str], output_prefix: str, tokenizer: str = "bytes", append_eod: bool = False,
-          split_lines: bool = False, json_key: str = "text", progress: bool = True) -> BuildResult:
-    """Build PREFIX.bin / PREFIX.idx with Megatron's IndexedDatasetBuilder; atomic."""
+          split_lines: bool = False, json_key: str = "text", progress: bool = True,
+          overwrite: bool = False) -> BuildResult:
+    """Build PREFIX.bin / PREFIX.idx with Megatron's IndexedDatasetBuilder; atomic. An existing
+    PREFIX.bin or PREFIX.idx is replaced only with `overwrite` (else UsageError, nothing changed)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     prefix = os.path.abspath(output_prefix)
     out_dir = os.path.dirname(prefix)
     if not os.path.isdir(out_dir):
         raise UsageError(f"--output-prefix: folder {out_dir} does not exist")
+    existing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise UsageError(f"--output-prefix {output_prefix}: {' and '.join(existing)} already exist(s); choose "
+                         "another prefix, or add --overwrite to replace them on purpose")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--output-prefix: folder {out_dir} is not writable")
     outputs = {Path(get_bin_path(prefix)).resolve(), Path(get_idx_path(prefix)).resolve()}
     files = [f for f in expand_inputs(inputs) if f.resolve() not in outputs]  # a rebuild in place
     tok = make_tokenizer(tokenizer)

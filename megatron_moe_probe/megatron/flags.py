@@ -58,7 +58,8 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "tensorboard when --tensorboard-dir is set and wandb when --wandb-project is set)")
     g.add_argument(FLAGS["timing"], nargs="?", const=TIMING_MODES[0], default=None, choices=TIMING_MODES,
                    help="time token_dispatch / token_combine per layer with CUDA events: forward and backward "
-                        "(the flag alone, or `all`), or `forward` only, at about half the host cost")
+                        "(the flag alone, or `all`), or `forward` only, at about a quarter of the host cost (measured on "
+                        "CPU: 40 us per wrapped call vs 162-189 us for forward and backward)")
     g.add_argument(FLAGS["gpus_per_node"], type=_positive_int, default=None,
                    help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
     g.add_argument(FLAGS["history"], type=_positive_int, default=None,
@@ -131,3 +132,36 @@ def resolve(args) -> ProbeSettings:
         iterations=given["iterations"] or DEFAULT_ITERATIONS,
         domains=given["domains"],
     )
+
+
+class _Refused(Exception):
+    pass
+
+
+def check_megatron_args(argv: list[str]) -> None:
+    """Parse `argv` with Megatron's own parser plus the probe's flags, as every worker will, and
+    raise UsageError naming the first mistake (`--moe-probe-interval -3`, an unknown writer, a
+    misspelt Megatron flag): before anything is printed or launched, so it costs no GPU time.
+    Only the parsing: what Megatron validates against the world size is checked by the workers."""
+    import warnings
+
+    from megatron_moe_probe.errors import UsageError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _Refused(message)
+
+    from megatron_moe_probe.quiet import quiet_cpu_notices
+
+    quiet_cpu_notices()  # import notices (no CUDA here, no TE/Apex) tell a dry run nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.training.arguments import add_megatron_arguments
+
+        parser = Parser(description="Megatron-LM Arguments", allow_abbrev=False)
+        parser = add_megatron_arguments(parser)
+    parser = add_probe_args(parser)
+    try:
+        parser.parse_args(argv)
+    except _Refused as exc:
+        raise UsageError(f"Megatron args: {exc}") from None

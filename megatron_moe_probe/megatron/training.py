@@ -210,14 +210,26 @@ def _make_session(model) -> Optional[ProbeSession]:
                             extra={"probe": settings.to_dict(), "world_size": world,
                                    "domains": {"names": domains, "dataset_to_domain": dataset_to_domain,
                                                "datasets": blend_prefixes(args) if domains else []}})
+    out_dir = settings.out_dir
+    if rank == writer_rank and "local" in settings.writers:
+        # One run per folder: a resumed run (Megatron loaded iteration > 0) appends to its own
+        # folder; a fresh run never mixes its records into another run's (record.py decides).
+        from megatron_moe_probe.record import training_run_folder
+
+        try:
+            out_dir = str(training_run_folder(out_dir, resumed=(getattr(args, "iteration", 0) or 0) > 0))
+        except OSError as exc:
+            log.warning("moe-probe: cannot prepare %s (%s)", out_dir, exc.strerror or exc)
+        if out_dir != settings.out_dir:
+            meta["probe"]["out_dir"] = out_dir
     session.writers = make_writers(
-        settings.writers, settings.out_dir, meta, rank=0 if rank == writer_rank else 1,
+        settings.writers, out_dir, meta, rank=0 if rank == writer_rank else 1,
         heatmap_every=settings.heatmap_every, tensorboard_writer=tb,
         wandb_project=getattr(args, "wandb_project", None),
     )
     if rank == writer_rank:
         log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings.interval,
-                    ",".join(session.writers.names) or "none", settings.out_dir)
+                    ",".join(session.writers.names) or "none", out_dir)
     return session
 
 

@@ -28,7 +28,7 @@ from megatron_moe_probe import record
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.megatron.runtime import backends_that_ran, requested_backend
 from megatron_moe_probe.offline import wandb_source
-from megatron_moe_probe.offline.run_row import comparison_row, run_dispatcher
+from megatron_moe_probe.offline.run_row import comparison_row, run_data, run_dispatcher
 from megatron_moe_probe.offline.train_log import TrainLog, read_train_jsonl, read_train_log
 from megatron_moe_probe.record import TIMING_STATS
 
@@ -81,7 +81,7 @@ def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
     meta, reports = megatron_dumps.load_if_dump(run) or record.load_run(run)
     keys = group_keys(meta, environ={})
     identity = {**keys, "dispatcher": run_dispatcher(meta) or keys["dispatcher"],
-                "ep": reports[-1].ep_size if reports else keys["ep"], "data": meta.get("data") or keys["data"]}
+                "ep": reports[-1].ep_size if reports else keys["ep"], "data": run_data(meta) or keys["data"]}
     row = comparison_row(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log,
                          warmup)
     check = runtime_check(meta, reports)
@@ -95,7 +95,7 @@ def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
 def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,
             parity_groups: list[str] | None = None) -> list[dict]:
     """One row per run. `loss_delta_vs_first` is each run's final loss minus that of the first run
-    in its parity group (default: one group, the first run)."""
+    in its parity group (default: runs on the same data; losses on different data do not compare)."""
     rows = []
     for run in runs:
         explicit = logs.get(str(Path(run)))
@@ -106,11 +106,15 @@ def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_ti
         else:
             raise UsageError(f"not a run folder: {run} (give a probe run folder, a wandb run folder "
                              "or wandb:ENTITY/PROJECT/RUN_ID)")
+    groups = parity_groups or [str(row.get("data")) for row in rows]
     first_loss: dict[str, float] = {}
-    for row, group in zip(rows, parity_groups or [""] * len(rows)):
+    for row, group in zip(rows, groups):
         loss = row.get("final_lm_loss", math.nan)
         if row.get("status") == "environment limit":
             row["loss_delta_vs_first"] = math.nan  # not a reference for the others either
             continue
-        row["loss_delta_vs_first"] = loss - first_loss.setdefault(group, loss)
+        # A run alone on its data has nothing to be compared with: no delta, not a 0.
+        alone = len(rows) > 1 and sum(g == group and r.get("status") != "environment limit"
+                                      for r, g in zip(rows, groups)) == 1
+        row["loss_delta_vs_first"] = math.nan if alone else loss - first_loss.setdefault(group, loss)
     return rows

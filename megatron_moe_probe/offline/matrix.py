@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.record import INTERVALS_FILE, atomic_write_text
+from megatron_moe_probe import lifetime
+from megatron_moe_probe.record import INTERVALS_FILE, atomic_write_text, to_json_safe
 from megatron_moe_probe.settings import FLAGS, probe_flags
 
 MANIFEST = "matrix.json"
@@ -188,6 +189,29 @@ def save_manifest(out: Path, cells: list[Cell], argv: list[str]) -> None:
     atomic_write_text(out / MANIFEST, json.dumps({"argv": argv, "cells": [asdict(c) for c in cells]}, indent=1))
 
 
+OUTPUTS = (MANIFEST, "compare.json", "compare.png", "layers.png")  # what the matrix writes into OUT
+
+
+def check_out_folder(out: Path, cells: list[Cell]) -> None:
+    """One matrix per folder, and nothing of the user's touched: OUT is new, empty of the names
+    this matrix writes (its outputs, one folder per cell), or holds this matrix's matrix.json
+    (then it resumes, and retrains only cell folders that matrix.json lists). UsageError otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    known = {c["name"] for c in load_manifest(out).get("cells", [])} if (out / MANIFEST).is_file() else None
+    names = [c.name for c in cells]
+    if known is None:
+        taken = [n for n in (*OUTPUTS, *names) if (out / n).exists()]
+        if taken:
+            raise UsageError(f"--out {out} already holds {', '.join(taken[:4])}{' ...' if len(taken) > 4 else ''} "
+                             "and no matrix.json of a matrix run; choose a new --out (nothing was changed)")
+        return
+    strangers = [n for n in names if (out / n).exists() and n not in known]
+    if strangers:
+        raise UsageError(f"--out {out}: folder(s) {', '.join(strangers[:4])} are not cells of the matrix in "
+                         f"{out / MANIFEST}; choose a new --out (nothing was changed)")
+
+
 def mark_finished(cells: list[Cell], out: Path, rerun: bool = False) -> list[Cell]:
     """Cells that matrix.json says finished with the same command (and whose records are there)
     are marked ok and resumed; returns the cells still to train."""
@@ -219,13 +243,17 @@ def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None)
     torchrun's workers (or the demo's ranks) down with it. `started()` runs once it is running."""
     cell_dir = out / cell.name
     if cell_dir.exists():
-        shutil.rmtree(cell_dir)  # a stale attempt would mix its reports into this one
+        # An earlier attempt of this cell (check_out_folder allowed only those): it would mix its
+        # reports into this one.
+        shutil.rmtree(cell_dir)
     cell_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     with open(cell_dir / cell.log_name, "wb") as log:
-        proc = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **cell.env} if cell.env else None)
-        cell.extra["pid"] = proc.pid  # also the cell's process group and session id
+        # Under the guard (lifetime.py): the cell, torchrun's workers included, stops when the
+        # matrix dies, whatever the signal; the guard leads the cell's session.
+        proc = subprocess.Popen(lifetime.guarded(cell.command), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **cell.env} if cell.env else None)
+        cell.extra["pid"] = proc.pid  # the guard: also the cell's process group and session id
         cell.status = "running"
         try:
             started()
@@ -245,7 +273,7 @@ def run_cell(cell: Cell, out: Path, timeout: float | None, started=lambda: None)
         cell.status, cell.extra["reason"] = "failed", "exited 0 but wrote no probe reports"
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM the cell's process group (torchrun and its workers, or the demo's ranks), wait
     for all of it to exit, SIGKILL what is left after `grace` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -325,8 +353,8 @@ def compare_cells(cells: list[Cell], out: Path, warmup: int) -> tuple[list[dict]
     limits += [{"cell": r["cell"], "group": r["group"], "params": r["params"], "status": "environment limit",
                 "environment_limit": r["environment_limit"]} for r in rows if r.get("status") == "environment limit"]
     spread = repeat_spread(rows)
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "repeat_spread": spread,
-                                                  "environment_limits": limits}, indent=1, default=str))
+    atomic_write_text(out / "compare.json", json.dumps(  # strict JSON: NaN -> null
+        to_json_safe({"rows": rows, "repeat_spread": spread, "environment_limits": limits}), indent=1, allow_nan=False))
     return rows, spread
 
 

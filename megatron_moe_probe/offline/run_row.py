@@ -8,6 +8,7 @@ come out of `comparison_row` alike; this module knows no source.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record import TIMING_STATS
@@ -23,16 +24,43 @@ def run_dispatcher(meta: dict):
     return ",".join(dispatcher) if isinstance(dispatcher, list) else dispatcher
 
 
+def run_data(meta: dict):
+    """What a run trained on, for the data column and loss parity: the probe meta's `data` (the
+    demo's text/mock/random), else Megatron's --mock-data or --data-path (folder names), else None."""
+    if meta.get("data") is not None:
+        return meta["data"]
+    args = meta.get("args") or {}
+    command = [str(c) for c in meta.get("command") or []]
+    if args.get("mock_data") or "--mock-data" in command:
+        return "mock"
+    paths = args.get("data_path")
+    if not paths and "--data-path" in command:
+        paths = []
+        for c in command[command.index("--data-path") + 1:]:
+            if c.startswith("--"):
+                break
+            paths.append(c)
+    if paths:
+        names = [Path(str(p)).name for p in (paths if isinstance(paths, list) else [paths])
+                 if not str(p).replace(".", "").isdigit()]  # weights of a blend are numbers
+        return ",".join(names) or None
+    return None
+
+
 def comparison_row(run: str, identity: dict, intervals: list[tuple[int, dict[int, dict]]], log, warmup: int) -> dict:
     """One row of the table. identity: dispatcher, ep, data; intervals: (step, layer -> that
     layer's statistics) per probe report; log: Megatron's numbers (a TrainLog) or None."""
-    kept = [by_layer for step, by_layer in intervals if step > warmup] or [by_layer for _, by_layer in intervals]
+    kept = [by_layer for step, by_layer in intervals if step > warmup]
+    warmup_used = warmup
+    if not kept:  # the run ends within the warm-up: all of it, and the row says so (`warmup_used` 0)
+        kept, warmup_used = [by_layer for _, by_layer in intervals], 0
     if not kept:
         raise UsageError(f"{run}: no probe reports")
     layers = sorted({n for by_layer in kept for n in by_layer})
     series = {n: [by_layer[n] for by_layer in kept if n in by_layer] for n in layers}
     per_layer = {key: [nan_median([x.get(key, math.nan) for x in series[n]]) for n in layers] for key in STATS}
-    row = {"run": run, **identity, "intervals": len(kept), "layers": layers}
+    row = {"run": run, **identity, "intervals": len(kept), "warmup": warmup, "warmup_used": warmup_used,
+           "last_step": max((step for step, _ in intervals), default=None), "layers": layers}
     row.update({key: nan_median(values) for key, values in per_layer.items()})
     row["max_over_mean_per_layer"] = per_layer["max_over_mean"]
     if log is not None:

@@ -8,7 +8,6 @@ has them. A statistic the report lacks, or that is NaN, prints as '-'.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,22 +34,22 @@ def fmt_ms(value: Any) -> str:
 # (header, per_layer key, formatter), in display order.
 COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("tokens", "tokens", fmt_count),
-    ("max/mean", "max_over_mean", fmt_ratio),
-    ("step-mean", "max_over_mean_step_mean", fmt_ratio),
-    ("step-worst", "max_over_mean_step_worst", fmt_ratio),
+    ("max/\nmean", "max_over_mean", fmt_ratio),
+    ("step\nmean", "max_over_mean_step_mean", fmt_ratio),
+    ("step\nworst", "max_over_mean_step_worst", fmt_ratio),
     ("gini", "gini", fmt_ratio),
     ("cv", "cv", fmt_ratio),
     ("entropy", "entropy", fmt_ratio),
     ("dead", "dead_experts", fmt_count),
-    ("rank max/mean", "rank_max_over_mean", fmt_ratio),
-    ("recv skew", "receiver_skew", fmt_ratio),
-    ("inter-node", "inter_node_fraction", fmt_percent),
+    ("rank\nmax/mean", "rank_max_over_mean", fmt_ratio),
+    ("recv\nskew", "receiver_skew", fmt_ratio),
+    ("inter\nnode", "inter_node_fraction", fmt_percent),
     ("dropped", "dropped_tokens", fmt_count),
-    ("drop %", "dropped_fraction", fmt_percent),
+    ("drop\n%", "dropped_fraction", fmt_percent),
 )
 # Shown only when at least one layer of the report has a value.
 TIMING_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = tuple(
-    (f"{phase.replace('_', ' ')} ms", timing_stat(phase), fmt_ms) for phase in PHASES
+    (f"{phase.replace('_', chr(10))}\nms", timing_stat(phase), fmt_ms) for phase in PHASES
 )
 
 
@@ -64,8 +63,9 @@ def cell(row: dict[str, Any], key: str, formatter: Callable[[Any], str]) -> str:
 
 
 def table_columns(report: IntervalReport) -> list[tuple[str, str, Callable[[Any], str]]]:
-    timing = [c for c in TIMING_COLUMNS if any(_present(row.get(c[1])) for row in report.per_layer)]
-    return [*COLUMNS, *timing]
+    """The columns with a value in at least one layer (no capacity factor: no drop columns;
+    no timing: no dispatch/combine ms), so that the table fits an 80-column terminal."""
+    return [c for c in (*COLUMNS, *TIMING_COLUMNS) if any(_present(row.get(c[1])) for row in report.per_layer)]
 
 
 def table_rows(report: IntervalReport) -> list[list[str]]:
@@ -77,32 +77,57 @@ def table_rows(report: IntervalReport) -> list[list[str]]:
     ]
 
 
+def column_chunks(headers: list[str], rows: list[list[str]], width: int) -> list[list[int]]:
+    """Indices of columns 1.. (column 0, the key, is repeated in every part) in groups that each
+    fit `width` characters with one space between columns: a table too wide for the terminal is
+    printed as several tables, never with cut or folded cells."""
+    def need(j: int) -> int:
+        header = max(len(line) for line in headers[j].splitlines())
+        return max([header, *(len(r[j]) for r in rows)]) + 1
+
+    first = need(0) + 1
+    chunks: list[list[int]] = [[]]
+    used = first
+    for j in range(1, len(headers)):
+        if chunks[-1] and used + need(j) > width:
+            chunks.append([])
+            used = first
+        chunks[-1].append(j)
+        used += need(j)
+    return chunks
+
+
 class ConsoleWriter:
     name = "console"
 
-    def __init__(self, console: Any = None, *, width: int = 200) -> None:
+    def __init__(self, console: Any = None, *, width: int | None = None) -> None:
         from rich.console import Console
 
         if console is None:
-            # Logs are not terminals: rich would assume 80 columns and squeeze the table.
-            console = Console(highlight=False, width=None if sys.stdout.isatty() else width)
+            # The terminal's width (80 in a log, or $COLUMNS); two-line headers and one space
+            # between columns keep the table inside 80 columns, timing columns fold if need be.
+            console = Console(highlight=False, width=width)
         self.console = console
 
     def write(self, report: IntervalReport) -> None:
-        from rich.table import Table
         from rich import box
+        from rich.table import Table
 
         title = (
             f"moe-probe step {report.step} ({report.steps} steps, "
             f"{report.num_experts} experts, EP={report.ep_size})"
         )
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-        table.add_column("layer", justify="right", no_wrap=True)
-        for header, _, _ in table_columns(report):
-            table.add_column(header, justify="right", no_wrap=True)
-        for cells in table_rows(report):
-            table.add_row(*cells)
-        self.console.print(table)
+        columns = table_columns(report)
+        rows = table_rows(report)
+        headers = ["layer", *(header for header, _, _ in columns)]
+        for part, chunk in enumerate(column_chunks(headers, rows, self.console.width)):
+            table = Table(title=title if part == 0 else None, box=box.SIMPLE_HEAD, title_justify="left",
+                          pad_edge=False, padding=0)  # the box draws one space between columns
+            for j in (0, *chunk):
+                table.add_column(headers[j], justify="right", no_wrap=True)
+            for cells in rows:
+                table.add_row(*(cells[j] for j in (0, *chunk)))
+            self.console.print(table)
 
     def close(self) -> None:
         pass
