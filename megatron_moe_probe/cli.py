@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("megatron_moe_probe.commands.render", "render a recipe to Megatron-LM args / Megatron-Bridge overrides"),
     "train": ("megatron_moe_probe.commands.train", "Megatron-Core pretraining with the probe on, through torchrun (needs GPUs)"),
     "matrix": ("megatron_moe_probe.commands.matrix", "train a grid of runs (recipes on GPU, or the CPU demo), then compare them"),
+    "bench-dispatch": ("megatron_moe_probe.commands.bench_dispatch",
+                       "replay a run's recorded routing through Megatron's real dispatchers (CPU: correctness; GPU: timing)"),
     "build-dataset": ("megatron_moe_probe.commands.build_dataset", "build a Megatron indexed dataset (.bin/.idx) from local text files"),
 }
 

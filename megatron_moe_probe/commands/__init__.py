@@ -5,6 +5,7 @@ takes plain values. Nothing but `megatron_moe_probe.cli` imports it.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -57,3 +58,11 @@ def output_file(path: str | None, flag: str, suffix: str | None = None):
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
     return p
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for `--x 2,4,8`."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None

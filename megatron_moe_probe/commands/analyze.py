@@ -15,14 +15,7 @@ from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.analysis.run_analysis import AnalysisOptions, analyze
 from megatron_moe_probe.analysis.runs import load_window
 from megatron_moe_probe.commands import analyze_output as render
-from megatron_moe_probe.commands import output_file, print_json
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+from megatron_moe_probe.commands import int_list, output_file, print_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift-windows", type=int, default=4, metavar="N",
                    help="consecutive windows the run is cut into for the drift table (default 4)")
     p.add_argument("--steps", metavar="START:END", help="intervals closing at iterations START..END (default all)")
-    p.add_argument("--layers", type=_int_list, metavar="N,N", help="global layer numbers (default all MoE layers)")
-    p.add_argument("--ep", type=_int_list, metavar="N,N",
+    p.add_argument("--layers", type=int_list, metavar="N,N", help="global layer numbers (default all MoE layers)")
+    p.add_argument("--ep", type=int_list, metavar="N,N",
                    help="EP degrees for the what-if and the cost model (default every divisor of E above 1)")
     p.add_argument("--target-ep", type=int, metavar="N", help="EP for the placement (default the run's EP)")
     p.add_argument("--replicate", type=int, metavar="R",

@@ -8,14 +8,8 @@ import argparse
 from pathlib import Path
 
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.commands import int_list
 from megatron_moe_probe.offline.megatron_dumps import ImportOptions, load_dump
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, help="tokens per expert dumps do not record top-k; the cost model needs it")
     p.add_argument("--hidden-size", type=int, help="for the cost model")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for local / intra- / inter-node traffic (default 8)")
-    p.add_argument("--ranks", type=_int_list, metavar="R,R",
+    p.add_argument("--ranks", type=int_list, metavar="R,R",
                    help="only these ranks' files (with pipeline parallelism: one stage at a time)")
     p.add_argument("--drop-incomplete", action="store_true",
                    help="drop a cut-short last line and steps not every rank recorded, instead of failing")
