@@ -26,13 +26,10 @@ from pathlib import Path
 
 from megatron_moe_probe import record
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.megatron.runtime import backends_that_ran, requested_backend
 from megatron_moe_probe.offline import wandb_source
-from megatron_moe_probe.offline.run_row import comparison_row, run_data, run_dispatcher
+from megatron_moe_probe.offline.run_row import comparison_row, run_data, run_dispatcher, with_runtime_proof
 from megatron_moe_probe.offline.train_log import TrainLog, read_train_jsonl, read_train_log
-from megatron_moe_probe.record import TIMING_STATS
 
-PERFORMANCE = ("ms_per_iter", "tflops_per_gpu", "max_allocated_mb", "final_lm_loss", *TIMING_STATS)
 
 
 def training_log(run: Path, explicit: Path | None = None) -> TrainLog | None:
@@ -46,33 +43,6 @@ def training_log(run: Path, explicit: Path | None = None) -> TrainLog | None:
     return None
 
 
-def runtime_check(meta: dict, reports: list) -> dict:
-    """Requested backend (meta.json) against what the live layers ran (the probe's
-    `runtime_dispatchers`, last report): {'requested', 'ran', 'runtime_proof', 'environment_limit'}."""
-    requested = requested_backend(meta)
-    records = next((r.meta.get("runtime_dispatchers") for r in reversed(reports) if r.meta.get("runtime_dispatchers")), None)
-    if not records:
-        return {"requested": requested, "ran": None, "runtime_proof": "none recorded", "environment_limit": None}
-    ran = backends_that_ran(records)
-    limit = None
-    if requested is not None and ran != [requested]:
-        limit = f"requested {requested}, ran {','.join(ran)}"
-    return {"requested": requested, "ran": ",".join(ran), "runtime_proof": "live modules",
-            "environment_limit": limit, "runtime_dispatchers": records}
-
-
-def mark_environment_limit(row: dict, reason: str) -> dict:
-    """A run whose requested backend did not run is an environment limit, never performance data:
-    its performance numbers move out of the comparison (kept under `not_performance_data`)."""
-    row["status"] = "environment limit"
-    row["environment_limit"] = reason
-    row["not_performance_data"] = {k: row[k] for k in PERFORMANCE if k in row}
-    for k in PERFORMANCE:
-        if k in row:
-            row[k] = math.nan
-    return row
-
-
 def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
     """compare's row for a probe run folder (or a Megatron routing dump), with its runtime proof."""
     from megatron_moe_probe.grouping import group_keys
@@ -84,12 +54,7 @@ def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
                 "ep": reports[-1].ep_size if reports else keys["ep"], "data": run_data(meta) or keys["data"]}
     row = comparison_row(str(run), identity, [(r.step, dict(zip(r.layers, r.per_layer))) for r in reports], log,
                          warmup)
-    check = runtime_check(meta, reports)
-    row.update({k: v for k, v in check.items() if k != "environment_limit"})
-    row["status"] = "ok"
-    if check["environment_limit"]:
-        mark_environment_limit(row, check["environment_limit"])
-    return row
+    return with_runtime_proof(row, meta, reports)
 
 
 def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,

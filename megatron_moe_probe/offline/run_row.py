@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.megatron.runtime import backends_that_ran, requested_backend
 from megatron_moe_probe.record import TIMING_STATS
 from megatron_moe_probe.values import nan_median
 
@@ -70,4 +71,45 @@ def comparison_row(run: str, identity: dict, intervals: list[tuple[int, dict[int
         row["max_allocated_mb"] = max(log.max_allocated_mb.values()) if log.max_allocated_mb else math.nan
         losses = log.series("lm loss")
         row["final_iteration"], row["final_lm_loss"] = losses[-1] if losses else (None, math.nan)
+    return row
+
+
+PERFORMANCE = ("ms_per_iter", "tflops_per_gpu", "max_allocated_mb", "final_lm_loss", *TIMING_STATS)
+
+
+def runtime_check(meta: dict, reports: list) -> dict:
+    """Requested backend (meta.json) against what the live layers ran (the probe's
+    `runtime_dispatchers`, last report): {'requested', 'ran', 'runtime_proof', 'environment_limit'}."""
+    requested = requested_backend(meta)
+    records = next((r.meta.get("runtime_dispatchers") for r in reversed(reports) if r.meta.get("runtime_dispatchers")), None)
+    if not records:
+        return {"requested": requested, "ran": None, "runtime_proof": "none recorded", "environment_limit": None}
+    ran = backends_that_ran(records)
+    limit = None
+    if requested is not None and ran != [requested]:
+        limit = f"requested {requested}, ran {','.join(ran)}"
+    return {"requested": requested, "ran": ",".join(ran), "runtime_proof": "live modules",
+            "environment_limit": limit, "runtime_dispatchers": records}
+
+
+def mark_environment_limit(row: dict, reason: str) -> dict:
+    """A run whose requested backend did not run is an environment limit, never performance data:
+    its performance numbers move out of the comparison (kept under `not_performance_data`)."""
+    row["status"] = "environment limit"
+    row["environment_limit"] = reason
+    row["not_performance_data"] = {k: row[k] for k in PERFORMANCE if k in row}
+    for k in PERFORMANCE:
+        if k in row:
+            row[k] = math.nan
+    return row
+
+
+def with_runtime_proof(row: dict, meta: dict, reports: list) -> dict:
+    """The row with what ran against what was requested; an environment limit when they differ.
+    Every source of rows (run folders, wandb runs) goes through here, so their rows agree."""
+    check = runtime_check(meta, reports)
+    row.update({k: v for k, v in check.items() if k != "environment_limit"})
+    row["status"] = "ok"
+    if check["environment_limit"]:
+        mark_environment_limit(row, check["environment_limit"])
     return row

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.offline.run_row import comparison_row, run_dispatcher
+from megatron_moe_probe.offline.run_row import comparison_row, run_dispatcher, with_runtime_proof
 from megatron_moe_probe.offline.train_log import TrainLog, read_train_log
 
 WANDB_PREFIX = "wandb:"
@@ -223,4 +223,6 @@ def wandb_run_row(run: str, explicit_log: Path | None, warmup: int, timeout: int
     if explicit_log is not None:
         log = read_train_log(explicit_log)
     name = run if run.startswith(WANDB_PREFIX) else str(Path(run))
-    return comparison_row(name, identity(config), intervals, log, warmup)
+    row = comparison_row(name, identity(config), intervals, log, warmup)
+    # wandb holds the run's meta (config `moe_probe`) but not the per-record runtime proof.
+    return with_runtime_proof(row, config.get("moe_probe") or {}, [])
