@@ -5,6 +5,9 @@
 #
 #   bash scripts/routing_study.sh OUT            # everything into OUT/
 #   ITERS=3000 SWEEP_ITERS=1000 SWEEP="4 16 32" BATCH=8 SEQ=512 bash scripts/routing_study.sh OUT
+#   PARALLEL=1 ...   all trainings at once on the one GPU: the tiny model is launch-bound, so five
+#                    processes share an H200 at little cost per step, and routing counts do not
+#                    depend on timing (each run has its own torchrun --standalone port)
 #
 # OUT/data/{code,prose,math,data}.bin/.idx  the datasets (moe-probe build-dataset --domains)
 # OUT/blend, OUT/mock, OUT/sweep-gbsN      run folders (intervals.jsonl + iterations/*.npz)
@@ -18,6 +21,8 @@ BATCH=${BATCH:-8}               # sequences per iteration (one micro-batch)
 SEQ=${SEQ:-512}
 MB=${MB:-16}                    # MB of text per domain
 MOE_PROBE=${MOE_PROBE:-moe-probe}
+PARALLEL=${PARALLEL:-0}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-0}  # seconds per training (0: none); a run cut short fails loudly
 mkdir -p "$OUT"
 
 stamp() { echo "[$(date +%H:%M:%S)] $*" >&2; }
@@ -30,7 +35,7 @@ train() {  # NAME ITERATIONS GLOBAL_BATCH [moe-probe train args...]
   local name=$1 iters=$2 gbs=$3; shift 3
   stamp "train $name: $iters iterations, global batch $gbs x $SEQ"
   local t0=$SECONDS
-  $MOE_PROBE train tiny-gpu:1gpu "$@" -- \
+  timeout "$TRAIN_TIMEOUT" $MOE_PROBE train tiny-gpu:1gpu "$@" -- \
     --tokenizer-type NullTokenizer --vocab-size 257 --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
     --micro-batch-size "$gbs" --global-batch-size "$gbs" --train-iters "$iters" --eval-iters 0 \
     --log-interval 100 --moe-probe-interval 100 --moe-probe-dir "$OUT/$name" \
@@ -39,11 +44,21 @@ train() {  # NAME ITERATIONS GLOBAL_BATCH [moe-probe train args...]
   stamp "train $name: done in $((SECONDS - t0)) s"
 }
 
-train blend "$ITERS" "$BATCH" --data-path "${BLEND[@]}"
-train mock "$ITERS" "$BATCH"
-for gbs in $SWEEP; do
-  train "sweep-gbs$gbs" "$SWEEP_ITERS" "$gbs" --data-path "${BLEND[@]}"
-done
+if [[ $PARALLEL == 1 ]]; then
+  pids=()
+  train blend "$ITERS" "$BATCH" --data-path "${BLEND[@]}" & pids+=($!)
+  train mock "$ITERS" "$BATCH" & pids+=($!)
+  for gbs in $SWEEP; do
+    train "sweep-gbs$gbs" "$SWEEP_ITERS" "$gbs" --data-path "${BLEND[@]}" & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || { stamp "a training failed"; exit 1; }; done
+else
+  train blend "$ITERS" "$BATCH" --data-path "${BLEND[@]}"
+  train mock "$ITERS" "$BATCH"
+  for gbs in $SWEEP; do
+    train "sweep-gbs$gbs" "$SWEEP_ITERS" "$gbs" --data-path "${BLEND[@]}"
+  done
+fi
 
 stamp "analyze"
 SWEEP_RUNS=()
