@@ -44,21 +44,16 @@ train() {  # NAME ITERATIONS GLOBAL_BATCH [moe-probe train args...]
   stamp "train $name: done in $((SECONDS - t0)) s"
 }
 
-if [[ $PARALLEL == 1 ]]; then
-  pids=()
-  train blend "$ITERS" "$BATCH" --data-path "${BLEND[@]}" & pids+=($!)
-  train mock "$ITERS" "$BATCH" & pids+=($!)
-  for gbs in $SWEEP; do
-    train "sweep-gbs$gbs" "$SWEEP_ITERS" "$gbs" --data-path "${BLEND[@]}" & pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || { stamp "a training failed"; exit 1; }; done
-else
-  train blend "$ITERS" "$BATCH" --data-path "${BLEND[@]}"
-  train mock "$ITERS" "$BATCH"
-  for gbs in $SWEEP; do
-    train "sweep-gbs$gbs" "$SWEEP_ITERS" "$gbs" --data-path "${BLEND[@]}"
-  done
-fi
+pids=()
+launch() {  # train, in the background under PARALLEL=1
+  if [[ $PARALLEL == 1 ]]; then train "$@" & pids+=($!); else train "$@"; fi
+}
+launch blend "$ITERS" "$BATCH" --data-path "${BLEND[@]}"
+launch mock "$ITERS" "$BATCH"
+for gbs in $SWEEP; do
+  launch "sweep-gbs$gbs" "$SWEEP_ITERS" "$gbs" --data-path "${BLEND[@]}"
+done
+for pid in "${pids[@]}"; do wait "$pid" || { stamp "a training failed"; exit 1; }; done
 
 stamp "analyze"
 SWEEP_RUNS=()
