@@ -49,7 +49,7 @@ def sbatch_script(command: list[str], *, job_name: str, nodes: int, gpus_per_nod
         "# rendered by moe-probe: one task per GPU, each task one Megatron rank (env:// rendezvous)",
         *[f"# {n}" for n in notes or []],
         "set -euo pipefail",
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"  # sed reads all: no SIGPIPE under pipefail',
         "export MASTER_ADDR",
         f'export MASTER_PORT="${{MASTER_PORT:-{master_port}}}"',
         'export WORLD_SIZE="$SLURM_NTASKS"',
