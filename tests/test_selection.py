@@ -427,3 +427,17 @@ def test_misleading_outputs_fixed_through_the_cli():
     assert "no measured winner for this model, hardware and scale" in miss.stdout
     assert "differs in precision (fp8 in the row, bf16 asked)" in miss.stdout
     assert "Before trusting a dispatcher at EP=64" in miss.stdout  # the large-EP correctness checks
+
+
+def test_micro_batch_and_interconnect_are_inputs():
+    # A rule that needs the micro-batch or the fabric does not match a query without it.
+    efa = q("B300", 32, nodes=16)
+    assert recommend(efa, CARD, ALL).rule.id == "hardware-b300"
+    mb1 = recommend(Query(**{**efa.__dict__, "micro_batch": 1, "interconnect": "efa"}), CARD, ALL)
+    assert mb1.rule.id == "efa-micro-batch-1" and mb1.first_choice == "alltoall"
+    mb4 = recommend(Query(**{**efa.__dict__, "micro_batch": 4, "interconnect": "efa"}), CARD, ALL)
+    assert mb4.rule.id == "efa-blackwell-micro-batch-4" and mb4.first_choice == "deepep"
+    with pytest.raises(UsageError, match="micro-batch must be >= 1"):
+        recommend(Query(**{**efa.__dict__, "micro_batch": 0}), CARD, ALL)
+    with pytest.raises(UsageError, match="unknown interconnect 'roce'"):
+        recommend(Query(**{**efa.__dict__, "interconnect": "roce"}), CARD, ALL)

@@ -51,8 +51,11 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
         L.append("Measured rows")
         for m in rec.evidence:
             tf = "-" if m.tflops_per_gpu is None else ("~" if m.tflops_approx else "") + f"{m.tflops_per_gpu:g}"
-            L.append(f"  {m.model_label} on {m.gpus}×{m.hardware} {m.parallelism}: {label(m.backend)}, {tf} TFLOP/s/GPU, "
-                     f"{m.role} [{m.source}, {m.date}]")
+            shape = (f" mb{m.micro_batch}" if m.micro_batch else "") + (f" {m.interconnect}" if m.interconnect else "")
+            vs = "".join(f"; {label(b)} {t:g} s" for b, t in m.versus.items())
+            st = f", {m.step_time_s:g} s/step{vs}" if m.step_time_s else ""
+            L.append(f"  {m.model_label} on {m.gpus}×{m.hardware} {m.parallelism}{shape}: {label(m.backend)}, {tf} TFLOP/s/GPU"
+                     f"{st}, {m.role} [{m.source}, {m.date}" + (f", {m.ref}" if m.source == "public" and m.ref else "") + "]")
     L.append("")
     L.append("Why")
     L.append(
@@ -154,6 +157,27 @@ def near_miss_text(miss: dict, card: Card) -> str:
     diffs = ", ".join(f"{d['field']} ({d['row']} in the row, {d['query']} asked)" for d in miss["mismatched"])
     return (f"closest measured winner: {miss['row']} ({card.backend(miss['backend']).label}, {miss['source']}, "
             f"{miss['date']}) differs in {diffs}")
+
+
+def fill_args(args: argparse.Namespace, facts: dict) -> None:
+    """The run's question where the command line left a field at its default."""
+    q = facts["question"]
+    if args.ep is None:
+        args.ep = q["ep"]
+    if args.hardware == "auto" and q["hardware"]:
+        args.hardware = q["hardware"]
+    if args.gpus_per_node is None and q["gpus_per_node"]:
+        args.gpus_per_node = q["gpus_per_node"]
+    if args.nodes is None and q["world"] and q["gpus_per_node"]:
+        args.nodes = max(1, q["world"] // q["gpus_per_node"])
+    if args.micro_batch is None:
+        args.micro_batch = q["micro_batch"]
+    if args.tp == 1 and q["tp"]:
+        args.tp = q["tp"]
+    if args.precision == "bf16":
+        args.precision = q["precision"]
+    if args.num_experts is None:
+        args.num_experts = q["num_experts"]
 
 
 def _has_gpu() -> bool:
@@ -262,7 +286,7 @@ def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected
         from megatron_moe_probe.selection import from_run
 
         run_facts = from_run.read_run(args.run)
-        from_run.fill_args(args, run_facts)
+        fill_args(args, run_facts)
     if args.ep is None:
         raise UsageError("--ep is required (or --run RUN, whose records give it)")
     q = build_query(args, card, detector)

@@ -12,7 +12,6 @@ numbers into the lines `recommend` prints next to the card's answer.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from typing import Any
@@ -119,27 +118,6 @@ def _cost(window) -> dict | None:
             "balanced_us": _median([x["balanced_us"] for x in row["layers"]]),
             "penalty": _median([x["penalty"] for x in row["layers"]]),
             "fabric": section["fabric"]}
-
-
-def fill_args(args: argparse.Namespace, facts: dict) -> None:
-    """The run's question where the command line left a field at its default."""
-    q = facts["question"]
-    if args.ep is None:
-        args.ep = q["ep"]
-    if args.hardware == "auto" and q["hardware"]:
-        args.hardware = q["hardware"]
-    if args.gpus_per_node is None and q["gpus_per_node"]:
-        args.gpus_per_node = q["gpus_per_node"]
-    if args.nodes is None and q["world"] and q["gpus_per_node"]:
-        args.nodes = max(1, q["world"] // q["gpus_per_node"])
-    if args.micro_batch is None:
-        args.micro_batch = q["micro_batch"]
-    if args.tp == 1 and q["tp"]:
-        args.tp = q["tp"]
-    if args.precision == "bf16":
-        args.precision = q["precision"]
-    if args.num_experts is None:
-        args.num_experts = q["num_experts"]
 
 
 def flex_dedup_factor(ep: int, topk: int) -> float:
