@@ -149,12 +149,14 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
         L.append("")
         L.append("Recorded evidence")
         for e in card.evidence:
-            L.append(f"  - {e.id} [{e.source}, {e.date}]: {e.what} ({e.model})")
+            L.append(f"  - {e.id} [{e.source}, {e.date}" + (f", {e.ref}" if e.ref else "") + f"]: {e.what} ({e.model})")
     return "\n".join(L)
 
 
 def near_miss_text(miss: dict, card: Card) -> str:
-    diffs = ", ".join(f"{d['field']} ({d['row']} in the row, {d['query']} asked)" for d in miss["mismatched"])
+    diffs = ", ".join(f"{d['field']} ({d['row']} in the row, " + ("not given" if d["query"] is None else f"{d['query']} asked")
+                      + (f": pass --{d['field'].replace('_', '-')}" if d["query"] is None else "") + ")"
+                      for d in miss["mismatched"])
     return (f"closest measured winner: {miss['row']} ({card.backend(miss['backend']).label}, {miss['source']}, "
             f"{miss['date']}) differs in {diffs}")
 
