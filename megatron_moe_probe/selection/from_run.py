@@ -106,8 +106,8 @@ def _cost(window) -> dict | None:
         section = _cost_section(window, AnalysisOptions(ep=[window.ep_size]), [window.ep_size], imbalance)
     except UsageError as exc:
         return {"skipped": str(exc)}
-    if section.get("skipped"):
-        return {"skipped": section["skipped"]}
+    if section.get("skipped"):  # its flags belong to `moe-probe analyze`, not to recommend
+        return {"skipped": section["skipped"].replace("; pass ", "; `moe-probe analyze RUN` takes ")}
     rows = [r for r in section["by_ep"] if r["ep"] == window.ep_size]
     row = next((r for r in rows if r["source"] == "measured"), rows[0] if rows else None)
     if row is None:
