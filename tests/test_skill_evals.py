@@ -63,7 +63,10 @@ def failures(doc: dict, expect: list[dict]) -> list[str]:
 
 
 def argv_of(check: dict) -> list[str]:
-    return [*check["argv"], "--assume-installed", check["installed"], "--json"]
+    # Run folders in the evals are relative to the repository root, wherever pytest runs from.
+    root = SKILL_DIR.parents[1]
+    argv = [str(root / a) if a.startswith("tests/data/") else a for a in check["argv"]]
+    return [*argv, "--assume-installed", check["installed"], "--json"]
 
 
 def test_evals_file_shape():
