@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.from_run import flex_dedup_factor
 
-RUN = "tests/data/h200_run_mock"
+RUN = str(Path(__file__).parent / "data" / "h200_run_mock")
 
 
 def test_maxvio_by_hand():
