@@ -449,8 +449,7 @@ def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> R
     except UsageError as exc:
         raise UsageError(f"recipe {r.full_name}: dispatcher: {exc}") from None
     fs = rec.flags[rec.use]
-    notes = [f"dispatcher: {rec.use}" + (f" ({rec.decision}, card rule {rec.rule.id})" if rec.rule else
-                                         f" ({rec.decision})")]
+    notes = [dispatcher_note(rec, availability)]
     notes += rec.warnings
     if r.dispatcher.permute_fusion == "off":
         notes.append("permute fusion off (recipe)")
@@ -461,6 +460,23 @@ def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> R
         dropped = f"; not rendered: {' '.join(r.training.te_extra_args)}" if impl == "local" and r.training.te_extra_args else ""
         notes.append(f"transformer implementation: {impl} (auto: {why}){dropped}")
     return Resolved(rec, rec.use, list(fs.megatron_lm), dict(fs.bridge), dict(fs.env), notes, impl)
+
+
+def dispatcher_note(rec: Recommendation, availability: Availability) -> str:
+    """The render header's dispatcher line: what the card answers and, when that backend is
+    missing here, that the rendered flags are only what this machine can run."""
+    why = (f"measured winner {rec.winner.id}, {rec.winner.source} {rec.winner.date}" if rec.winner is not None
+           else f"{rec.decision}, card rule {rec.rule.id}" if rec.rule is not None else rec.decision)
+    if not rec.fallback_used:
+        return f"dispatcher: {rec.use} ({why})"
+    note = (f"dispatcher: {rec.use} is what THIS machine can run ({rec.first_choice} is not installed here); "
+            f"the card's answer is {rec.first_choice} ({why})")
+    if availability.source == "probed":
+        from megatron_moe_probe.selection.hardware import detect_gpus
+
+        if not detect_gpus().ok:
+            note += f"; no GPU here: render for the GPU machine with --assume-installed {rec.first_choice}"
+    return note
 
 
 def with_dispatcher(r: Recipe, backend: str) -> Recipe:

@@ -12,6 +12,7 @@ No torch and no Megatron here: a dry run works on any machine.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +21,21 @@ from typing import Optional
 from megatron_moe_probe.errors import UsageError
 
 WORKER_MODULE = "megatron_moe_probe.megatron.launch"  # what torchrun runs on every rank
+
+# Shell variables in printed commands (a node's rank, node 0's address): printed in double
+# quotes so the shell on that node expands them; every other word is quoted as it is.
+NODE_RANK_VAR = "$NODE_RANK"
+MASTER_ADDR_VAR = "$MASTER_ADDR"
+_PLACEHOLDER = re.compile(r"^\$(\{[A-Za-z_][A-Za-z0-9_]*(:[-?][^}]*)?\}|[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def is_placeholder(word: str) -> bool:
+    return bool(_PLACEHOLDER.match(word))
+
+
+def shell_join(words: list[str]) -> str:
+    """shlex.join, except that shell-variable placeholders stay expandable ("$NODE_RANK")."""
+    return " ".join(f'"{w}"' if is_placeholder(w) else shlex.quote(w) for w in words)
 
 
 @dataclass
@@ -95,9 +111,11 @@ def plan_training(recipe: Optional[str], *, variant: Optional[str] = None, data_
 
 def torchrun_command(megatron_args: list[str], *, recipe: Optional[str] = None, variant: Optional[str] = None,
                      nnodes: Optional[int] = None, nproc_per_node: Optional[int] = None,
-                     node_rank: Optional[int] = None, master_addr: Optional[str] = None,
-                     master_port: int = 29500) -> tuple[list[str], int, int]:
-    """(command, processes per node, nodes); node and process counts default to the recipe's."""
+                     node_rank: Optional[int | str] = None, master_addr: Optional[str] = None,
+                     master_port: int = 29500, placeholders: bool = False) -> tuple[list[str], int, int]:
+    """(command, processes per node, nodes); node and process counts default to the recipe's.
+    With `placeholders` (a dry run, a printed plan), a multi-node command that lacks the node's
+    rank or node 0's address gets the shell variables $NODE_RANK / $MASTER_ADDR instead of an error."""
     from megatron_moe_probe import recipes
 
     for flag, value in (("--nproc-per-node", nproc_per_node), ("--nnodes", nnodes)):
@@ -117,9 +135,13 @@ def torchrun_command(megatron_args: list[str], *, recipe: Optional[str] = None, 
     if nnodes_ == 1:
         torchrun += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc)]
     else:
+        if placeholders:
+            master_addr = MASTER_ADDR_VAR if master_addr is None else master_addr
+            node_rank = NODE_RANK_VAR if node_rank is None else node_rank
         if master_addr is None or node_rank is None:
-            raise UsageError(f"--nnodes {nnodes_} needs --master-addr (node 0's address) and --node-rank (this node's rank)")
-        if not 0 <= node_rank < nnodes_:
+            raise UsageError(f"--nnodes {nnodes_} needs --master-addr (node 0's address) and --node-rank (this node's rank); "
+                             "--dry-run prints the per-node commands without them")
+        if isinstance(node_rank, int) and not 0 <= node_rank < nnodes_:
             raise UsageError(f"--node-rank {node_rank} is outside 0..{nnodes_ - 1}")
         torchrun += ["--nnodes", str(nnodes_), "--node-rank", str(node_rank), "--master-addr", master_addr,
                      "--master-port", str(master_port), "--nproc-per-node", str(nproc)]
@@ -133,5 +155,17 @@ def inside_launcher() -> bool:
 
 def format_command(cmd: list[str], env: dict[str, str]) -> str:
     lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines.append(" ".join(shlex.quote(c) for c in cmd))
+    lines.append(shell_join(cmd))
     return "\n".join(lines)
+
+
+def per_node_commands(build, nnodes: int, node_rank: Optional[int], master_addr: Optional[str],
+                      max_listed: int = 8) -> list[tuple[str, list[str]]]:
+    """(heading, command) for a multi-node launch: one command per node when the nodes are few
+    and no --node-rank was given, else the one command (with $NODE_RANK when not given).
+    `build(node_rank, master_addr)` makes one command; a missing address stays $MASTER_ADDR."""
+    if node_rank is not None or nnodes > max_listed:
+        where = f"node {node_rank}" if node_rank is not None else f"each of the {nnodes} nodes, NODE_RANK=0..{nnodes - 1}"
+        return [(f"on {where}" + ("" if master_addr else "; MASTER_ADDR = node 0's address"), build(node_rank, master_addr))]
+    return [(f"node {r} of {nnodes}" + (" (MASTER_ADDR: this node's address)" if r == 0 and not master_addr else ""),
+             build(r, master_addr)) for r in range(nnodes)]

@@ -391,3 +391,53 @@ def test_final_flags_come_from_the_request():
     assert ov.flags[ov.first_choice].env["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"  # bridge: EP overlap + graphs
     with pytest.raises(UsageError, match="num_sms only applies to flex"):
         recommend(Query(**{**base.__dict__, "force": "alltoall", "num_sms": 24}), CARD, ALL)
+
+
+def test_misleading_outputs_fixed_through_the_cli():
+    """Issue 24, what a new user was misled by, each through the real CLI (a subprocess) on this
+    CPU machine without DeepEP/HybridEP: render names the measured winner and what this machine
+    can run, and suggests --assume-installed without a GPU; the alltoall fallback prints no
+    `--moe_flex_dispatcher_backend None`; a query without a winner names the field that differs."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("deep_ep") is not None:
+        pytest.skip("DeepEP/HybridEP installed: no fallback to show")
+    from megatron_moe_probe.selection.hardware import detect_gpus
+
+    no_gpu = not detect_gpus().ok
+    env = dict(os.environ, PYTHONPATH=str(CARD_PATH_ROOT))
+    cli = [sys.executable, "-m", "megatron_moe_probe.cli"]
+    render = subprocess.run([*cli, "render", "qwen3-30b-a3b"], capture_output=True, text=True, env=env, timeout=120)
+    assert render.returncode == 0, render.stderr
+    (note,) = [l for l in render.stdout.splitlines() if l.startswith("# dispatcher:")]
+    assert "alltoall is what THIS machine can run" in note and "the card's answer is hybridep" in note
+    assert "measured winner qwen3-30b-h100x16-hybridep, bridge 2026-07-31" in note
+    assert ("--assume-installed hybridep" in note) == no_gpu
+    rec = subprocess.run([*cli, "recommend", "--hardware", "H100", "--ep", "16", "--nodes", "2", "--model",
+                          "qwen3-30b-a3b"], capture_output=True, text=True, env=env, timeout=120)
+    assert rec.returncode == 0, rec.stderr
+    assert "Dispatcher: alltoall" in rec.stdout and "moe_flex_dispatcher_backend None" not in rec.stdout
+    assert ("this machine has no GPU: to plan for the GPU machine, pass --assume-installed hybridep" in rec.stdout) == no_gpu
+    miss = subprocess.run([*cli, "recommend", "--hardware", "H100", "--ep", "64", "--nodes", "128", "--tp", "2",
+                           "--model", "deepseek-v3", "--assume-installed", "deepep"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert miss.returncode == 0, miss.stderr
+    assert "no measured winner for this model, hardware and scale" in miss.stdout
+    assert "differs in precision (fp8 in the row, bf16 asked)" in miss.stdout
+    assert "Before trusting a dispatcher at EP=64" in miss.stdout  # the large-EP correctness checks
+
+
+def test_micro_batch_and_interconnect_are_inputs():
+    # A rule that needs the micro-batch or the fabric does not match a query without it.
+    efa = q("B300", 32, nodes=16)
+    assert recommend(efa, CARD, ALL).rule.id == "hardware-b300"
+    mb1 = recommend(Query(**{**efa.__dict__, "micro_batch": 1, "interconnect": "efa"}), CARD, ALL)
+    assert mb1.rule.id == "efa-micro-batch-1" and mb1.first_choice == "alltoall"
+    mb4 = recommend(Query(**{**efa.__dict__, "micro_batch": 4, "interconnect": "efa"}), CARD, ALL)
+    assert mb4.rule.id == "efa-blackwell-micro-batch-4" and mb4.first_choice == "deepep"
+    with pytest.raises(UsageError, match="micro-batch must be >= 1"):
+        recommend(Query(**{**efa.__dict__, "micro_batch": 0}), CARD, ALL)
+    with pytest.raises(UsageError, match="unknown interconnect 'roce'"):
+        recommend(Query(**{**efa.__dict__, "interconnect": "roce"}), CARD, ALL)

@@ -35,6 +35,14 @@ def table_rows(md: str) -> list[list[str]]:
 SKILL = SKILL_MD_PATH.read_text()
 
 
+def source_cell(cell: str, row) -> bool:
+    """Every row carries source and date; public rows also name the pull request / file (ref)."""
+    expected = f"{row.source}, {row.date}"
+    if row.source == "public":
+        return cell == f"{expected}, {row.ref}" and bool(row.ref)
+    return cell == expected
+
+
 def test_front_matter_matches_card():
     fm = front_matter(SKILL)
     assert set(fm) >= {"name", "description", "when_to_use"}
@@ -51,7 +59,7 @@ def test_hardware_table_matches_card():
         assert cells[2].endswith(row.text) and cells[3] == row.why
         for c in row.tuned:  # the candidate set is named
             assert CARD.backend(c.backend).label.lower() in cells[2].lower()
-        assert cells[4] == f"{row.source}, {row.date}"  # every row carries source and date
+        assert source_cell(cells[4], row)  # every row carries source and date
         for h in row.history:  # and the earlier answer is kept
             assert h.text in cells[5] and h.date in cells[5]
 
@@ -61,6 +69,31 @@ def test_ep_and_model_tables_match_card():
     assert [(r[0], r[1]) for r in rows] == [(r.row, r.text) for r in CARD.tables.by_ep]
     rows = table_rows(section(SKILL, "by_model"))
     assert [(r[0], r[1], r[2]) for r in rows] == [(r.row, r.text, r.notes) for r in CARD.tables.by_model]
+    for cells, row in zip(rows, CARD.tables.by_model):
+        assert source_cell(cells[3], row)
+
+
+def test_interconnect_table_matches_card():
+    rows = table_rows(section(SKILL, "by_interconnect"))
+    assert [(r[0], r[1]) for r in rows] == [(r.row, r.text) for r in CARD.tables.by_interconnect]
+    assert len(rows) >= 4  # NVL72, EFA micro-batch 1, EFA micro-batch 4, EFA on H100, Spectrum-X
+    for cells, row in zip(rows, CARD.tables.by_interconnect):
+        assert source_cell(cells[2], row)
+
+
+def test_new_dispatchers_and_correctness_checks_listed():
+    rows = table_rows(section(SKILL, "new_dispatchers"))
+    assert [r[0] for r in rows] == [d.label for d in CARD.new_dispatchers]
+    for cells, d in zip(rows, CARD.new_dispatchers):
+        assert d.not_in.split()[-1] in cells[1] or "0.19" in cells[1] or d.where == cells[1]
+        for lim in d.limits:
+            assert lim in cells[3]
+        assert (not d.verified) == ("unverified" in cells[3])
+        assert source_cell(cells[4], d)
+    rows = table_rows(section(SKILL, "correctness"))
+    assert [r[1] for r in rows] == [c.check for c in CARD.correctness_checks]
+    for cells, c in zip(rows, CARD.correctness_checks):
+        assert int(cells[0]) == c.ep_min and source_cell(cells[3], c)
 
 
 def test_rules_table_is_the_card_order():
@@ -85,7 +118,11 @@ def test_measured_rows_and_limitations_listed():
     rows = table_rows(section(SKILL, "measured"))
     assert len(rows) == len(CARD.measured)
     for cells, m in zip(rows, CARD.measured):
-        assert cells[1] == f"{m.gpus}×{m.hardware}" and cells[8] == f"{m.source}, {m.date}"
+        assert cells[1] == f"{m.gpus}×{m.hardware}" and source_cell(cells[8], m)
+        if m.micro_batch is not None:
+            assert f"mb{m.micro_batch}" in cells[6]
+        for backend, seconds in m.versus.items():  # the other arm of the A/B is kept
+            assert f"{seconds:g} s" in cells[9]
         if m.tflops_per_gpu is not None:
             assert float(cells[4].lstrip("~")) == m.tflops_per_gpu
     text = section(SKILL, "limitations")
@@ -99,6 +136,8 @@ def test_pitfalls_listed():
     text = section(SKILL, "pitfalls")
     for p in CARD.pitfalls:
         assert p.text in text
+        if not p.verified:  # a figure not found in the stored source says so
+            assert f"{p.text} ({p.source}, {p.date}, {p.ref}) [unverified: {p.verify_note}]" in text
 
 
 def test_generated_sections_are_current(tmp_path):

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-ep", type=int, metavar="N", help="EP for the placement (default the run's EP)")
     p.add_argument("--replicate", type=int, metavar="R",
                    help="hottest experts given a second copy (default the target EP: one extra slot per rank)")
+    p.add_argument("--replica-slots", type=int, default=1, metavar="N",
+                   help="per-iteration replication model (MoonEP/UltraEP): replica slots per rank (default 1)")
     p.add_argument("--band-thresholds", metavar="MAX/MEAN,GINI",
                    help="high band at or above both (default 2.0,0.25: our choice)")
     cost = p.add_argument_group("all-to-all cost model (defaults from meta.json where it says)")
@@ -54,6 +56,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "divergence, cross-domain placement, drift, batch-size sweep, mock vs real")
 
 
+def replication_of(window, ep: int, slots: int) -> dict:
+    """Per-iteration replication of hot experts (analysis/replication.py) beside the static
+    placements, on the per-iteration counts when recorded, else on each interval's counts."""
+    from megatron_moe_probe.analysis.replication import replication_section
+
+    if slots < 0:
+        raise UsageError(f"--replica-slots must be >= 0, got {slots}")
+    counts = window.iteration_counts()
+    section = replication_section(counts if counts is not None else window.tokens_per_expert(), ep, slots)
+    if counts is None:
+        section["basis"] = "per interval (no per-iteration records): a lower bound on per-micro-batch imbalance"
+    return section
+
+
 def options_from(args: argparse.Namespace) -> AnalysisOptions:
     return AnalysisOptions(**{f.name: getattr(args, f.name) for f in fields(AnalysisOptions)})
 
@@ -64,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     result = analyze(window, options_from(args))
     if args.drift_windows < 1:
         raise UsageError(f"--drift-windows must be >= 1, got {args.drift_windows}")
+    result["replication"] = replication_of(window, result["placement"]["ep"], args.replica_slots)
     if args.against:
         result["against"] = compare_runs(window, load_window(args.against, args.steps, args.layers))
     if args.sweep:

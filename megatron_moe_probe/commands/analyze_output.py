@@ -29,8 +29,8 @@ def print_result(result: dict, show_mapping: bool = False, console: Console | No
     console.print(f"[bold]{run['path']}[/bold]: {run['num_experts']} experts, EP={run['ep_size']}, "
                   f"layers {', '.join(map(str, run['layers']))}, iterations {run['first_step']}-{run['last_step']} "
                   f"({run['intervals']} intervals)")
-    for section in (_whatif, _matrix_check, _bands, _placement, _cost, _domains, _cross_domain, _drift, _against,
-                    _sweep):
+    for section in (_whatif, _matrix_check, _bands, _placement, _replication, _cost, _domains, _cross_domain, _drift,
+                    _against, _sweep):
         for item in section(result, show_mapping):
             console.print(item)
 
@@ -107,6 +107,20 @@ def _placement(result: dict, show_mapping: bool) -> list:
                 ranks = " | ".join(",".join(map(str, experts)) for experts in row[name]["mapping"])
                 lines.append(f"layer {layer} {name}: {ranks}")
     return [table, *lines]
+
+
+def _replication(result: dict, _) -> list:
+    data = result.get("replication")
+    if not data:
+        return []
+    table = _table(f"Per-iteration replication of hot experts at EP={data['ep']} (MoonEP/UltraEP model): maxvio",
+                   ["layer", "static", "replicated", "weights moved/iter"],
+                   f"maxvio = busiest rank / mean rank - 1; {data['slots_per_rank']} replica slot(s) per rank; "
+                   f"{data['basis']}")
+    for layer, row in zip(result["run"]["layers"], data["layers"]):
+        table.add_row(str(layer), _fmt(row["maxvio_static"]), _fmt(row["maxvio_replicated"]),
+                      _fmt(row["weights_moved_per_iteration"]))
+    return [table]
 
 
 def _cost(result: dict, _) -> list:

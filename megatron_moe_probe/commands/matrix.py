@@ -18,7 +18,8 @@ from megatron_moe_probe.offline.matrix import MANIFEST, Cell, Stopped
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = ("moe-probe matrix RECIPE[:VARIANT]... [--dispatcher BACKENDS] [--assume-installed LIST] "
-               "[--data recipe,PREFIX] [--iters N] --out DIR [-- MEGATRON ARGS]\n"
+               "[--data recipe,PREFIX] [--iters N] [--node-rank R --master-addr HOST] [--sbatch DIR] --out DIR "
+               "[-- MEGATRON ARGS]\n"
                "       moe-probe matrix --demo [--ep 2,4,8] [--dispatcher alltoall,allgather] [--data text,mock,random] "
                "--out DIR")
     p.add_argument("targets", nargs="*", help="recipes (NAME or NAME:VARIANT) to train with `moe-probe train`")
@@ -42,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare: skip intervals up to this iteration (default: a quarter of --iters)")
     p.add_argument("--cell-timeout", type=float, default=None, metavar="S", help="stop a cell after S seconds")
     p.add_argument("--rerun", action="store_true", help="train cells again even when matrix.json says they finished")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="recipes on several nodes: this node's rank (run the same matrix command on every node)")
+    p.add_argument("--master-addr", default=None, help="recipes on several nodes: node 0's address")
+    p.add_argument("--master-port", type=int, default=None, help="recipes on several nodes: node 0's port (default 29500)")
+    p.add_argument("--sbatch", default=None, metavar="DIR",
+                   help="write one Slurm batch script per cell into DIR (srun, one task per GPU) and exit; trains nothing")
     p.add_argument("--dry-run", action="store_true",
                    help="validate every cell (recipe, dispatcher, availability gate, rendered args) and print its "
                         "command; trains nothing")
@@ -75,7 +82,8 @@ def cells_from(args: argparse.Namespace, out: Path) -> list[Cell]:
     return matrix.recipe_cells(out, args.targets, _csv(args.data or "recipe", "--data"), args.iters, args.repeat,
                                args.megatron_args,
                                dispatchers=_csv(args.dispatcher, "--dispatcher") if args.dispatcher else None,
-                               assume_installed=args.assume_installed)
+                               assume_installed=args.assume_installed, node_rank=args.node_rank,
+                               master_addr=args.master_addr, master_port=args.master_port)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,17 +110,28 @@ def run(args: argparse.Namespace) -> int:
         check_megatron_args(command[command.index("--") + 1:] if "--" in command else [])
     if args.wandb:
         matrix.to_wandb(cells, args.group or out.resolve().name, demo=args.demo)
+    if args.demo and (args.node_rank is not None or args.master_addr or args.sbatch):
+        raise UsageError("--node-rank, --master-addr and --sbatch are for recipe cells; --demo runs on this machine")
+    if args.sbatch:
+        return write_sbatch(cells, out, Path(args.sbatch), args)
     if args.dry_run:
-        import shlex
+        from megatron_moe_probe.torchrun import shell_join
 
         checked = [] if args.demo else matrix.validate_recipe_cells(cells, args.assume_installed)
+        multi = any(_placeholders(c) for c in cells)
+        if multi:
+            print("# multi-node: run these commands on every node with NODE_RANK (0, 1, ...) and MASTER_ADDR "
+                  "(node 0's address) set, or write Slurm scripts with --sbatch DIR")
         for i, cell in enumerate(cells):
             print(f"# {cell.name}")
             if checked:
                 print(checked[i])
-            print(f"{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
+            print(f"{shell_join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
         print(f"## dry run: {len(cells)} cell(s) " + ("listed" if args.demo else "validated") + ", nothing trained")
         return 0
+    if waiting := [c.name for c in cells if _placeholders(c)]:
+        raise UsageError(f"cell {waiting[0]} spans several nodes: give --node-rank and --master-addr (and run the same "
+                         "matrix command on every node), or --sbatch DIR for Slurm; --dry-run prints the commands")
     matrix.check_out_folder(out, cells)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +165,39 @@ def run(args: argparse.Namespace) -> int:
             progress.console.print(f"[{i}/{len(todo)}] {cell.name}: {mark} in {cell.seconds:.0f} s")
             progress.advance(task)
     return print_summary(cells, out, args, console)
+
+
+def _placeholders(cell: Cell) -> list[str]:
+    from megatron_moe_probe.torchrun import is_placeholder
+
+    return [w for w in cell.command if is_placeholder(w)]
+
+
+def write_sbatch(cells: list[Cell], out: Path, folder: Path, args: argparse.Namespace) -> int:
+    """One batch script per recipe cell (validated first, as --dry-run does) and a list of
+    `sbatch` lines to submit them one after another; nothing trains."""
+    from megatron_moe_probe import recipes, sbatch
+    from megatron_moe_probe.record import atomic_write_text
+
+    checked = matrix.validate_recipe_cells(cells, args.assume_installed)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--sbatch {folder}: {exc.strerror or exc}") from None
+    submit = ["#!/bin/bash", "# submit the A/B cells one after another (each waits for the one before)",
+              "set -euo pipefail", "prev="]
+    for cell, line in zip(cells, checked):
+        par = recipes.load_recipe(cell.params["recipe"]).parallelism
+        path = folder / f"{cell.name}.sbatch"
+        atomic_write_text(path, sbatch.cell_script(cell, par.nodes, par.gpus_per_node, folder / f"{cell.name}-%j.log",
+                                                   master_port=args.master_port or 29500))
+        print(f"# {cell.name}: {line.removeprefix('## ')}")
+        print(f"wrote {path}")
+        submit.append(f'prev=$(sbatch --parsable ${{prev:+--dependency=afterany:$prev}} {path})')
+    atomic_write_text(folder / "submit.sh", "\n".join(submit) + "\n")
+    print(f"## {len(cells)} batch script(s) in {folder}; submit them in order with: bash {folder / 'submit.sh'}; "
+          f"each cell records into {out}/CELL; compare them afterwards with moe-probe compare")
+    return 0
 
 
 def print_summary(cells: list[Cell], out: Path, args: argparse.Namespace, console) -> int:

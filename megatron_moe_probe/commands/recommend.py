@@ -36,6 +36,8 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
                  + f" [{w.source}, {w.date}]")
     elif rec.decision == "ab-decides":
         L.append(f"  no measured winner for this model, hardware and scale: the A/B decides; lead candidate {label(rec.first_choice)}")
+        if rec.near_miss:
+            L.append("  " + near_miss_text(rec.near_miss, card))
     L.append(f"  first choice : {label(rec.first_choice)}  [{'installed' if rec.first_choice_available else 'NOT INSTALLED'}]")
     if rec.fallback:
         L.append(f"  fallback     : {label(rec.fallback)}  (used when {label(rec.first_choice)} is not installed)")
@@ -49,20 +51,25 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
         L.append("Measured rows")
         for m in rec.evidence:
             tf = "-" if m.tflops_per_gpu is None else ("~" if m.tflops_approx else "") + f"{m.tflops_per_gpu:g}"
-            L.append(f"  {m.model_label} on {m.gpus}×{m.hardware} {m.parallelism}: {label(m.backend)}, {tf} TFLOP/s/GPU, "
-                     f"{m.role} [{m.source}, {m.date}]")
+            shape = (f" mb{m.micro_batch}" if m.micro_batch else "") + (f" {m.interconnect}" if m.interconnect else "")
+            vs = "".join(f"; {label(b)} {t:g} s" for b, t in m.versus.items())
+            st = f", {m.step_time_s:g} s/step{vs}" if m.step_time_s else ""
+            L.append(f"  {m.model_label} on {m.gpus}×{m.hardware} {m.parallelism}{shape}: {label(m.backend)}, {tf} TFLOP/s/GPU"
+                     f"{st}, {m.role} [{m.source}, {m.date}" + (f", {m.ref}" if m.source == "public" and m.ref else "") + "]")
     L.append("")
     L.append("Why")
     L.append(
         f"  inputs: hardware={q.hardware} ep={q.ep} ({rec.ep_class} EP, {rec.topology}) model={q.model} "
         f"stage={q.stage} precision={q.precision}" + (" memory-tight" if q.memory_tight else "")
+        + (f" micro-batch={q.micro_batch}" if q.micro_batch else "") + (f" interconnect={q.interconnect}" if q.interconnect else "")
         + (f" nodes={q.nodes} gpus/node={q.gpus_per_node}" if q.gpus_per_node else "")
         + (f" nvlink-domain={q.nvlink_domain}" if q.nvlink_domain else "")
     )
     if rec.decision == "forced":
         L.append(f"  forced: --backend {q.force}")
     elif rec.rule is not None:
-        L.append(f"  card rule '{rec.rule.id}' [{rec.rule.source}, {rec.rule.date}]: {rec.rule.why}")
+        L.append(f"  card rule '{rec.rule.id}' [{rec.rule.source}, {rec.rule.date}"
+                 + (f", {rec.rule.ref}" if rec.rule.ref else "") + f"]: {rec.rule.why}")
         for ref in rec.cited_rows:
             row = card.table_row(ref)
             L.append(f"    table row {ref}: {row.text} [{row.source}, {row.date}]")
@@ -89,12 +96,34 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
             L.append("  Bridge perf    : " + fs.bridge_perf_harness)
         for k, v in fs.env.items():
             L.append(f"  env            : {k}={v}")
+    if rec.run is not None:
+        L.append("")
+        L.append("Your run (" + rec.run["path"] + ")")
+        L.extend(f"  {line}" for line in rec.run["reasoning"])
+    if rec.cautions:
+        L.append("")
+        L.append("Cautions (card pitfalls for this query)")
+        for c in rec.cautions:
+            L.append(f"  - {c['text']} [{c['source']}, {c['date']}" + (f", {c['ref']}" if c["ref"] else "") + "]"
+                     + ("" if c["verified"] else f" (unverified: {c['verify_note']})"))
+    if rec.correctness_checks:
+        L.append("")
+        L.append(f"Before trusting a dispatcher at EP={q.ep}")
+        for c in rec.correctness_checks:
+            L.append(f"  - {c['check']}: {c['because']} [{c['source']}, {c['date']}, {c['ref']}]")
+    if rec.new_dispatchers:
+        L.append("")
+        L.append("Not in Megatron-Core 0.19, but fits this query")
+        for d in rec.new_dispatchers:
+            L.append(f"  - {d['label']} ({d['where']}): {d['what']}; limits: {'; '.join(d['limits'])} [{d['source']}, {d['date']}]")
     if rec.plan is not None:
         p = rec.plan
         L.append("")
         L.append("A/B plan: " + p["decides"])
         L.append("  " + p["shell"])
         L.append("  check it first (CPU, trains nothing): " + shlex.join(p["dry_run_command"]))
+        for line in p.get("multi_node", []):
+            L.append("  " + line)
         L.append("  held fixed: " + ", ".join(p["held_fixed"]))
         L.append("  benchmark-only: " + p["benchmark_only"]["disclosure"])
         if p["not_installed"]:
@@ -104,6 +133,9 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
         L.append("")
         L.append("Warnings")
         L.extend(f"  ! {w}" for w in rec.warnings)
+    if rec.fallback_used and rec.availability.source == "probed" and not _has_gpu():
+        L.append(f"  ! this machine has no GPU: to plan for the GPU machine, pass --assume-installed "
+                 f"{rec.first_choice} (or the comma list of what its container has)")
     if rec.fallback_used or explain:
         L.append("")
         L.append("Pitfalls" if explain else "Pitfall")
@@ -117,14 +149,53 @@ def format_text(rec: Recommendation, card: Card, explain: bool = False) -> str:
         L.append("")
         L.append("Recorded evidence")
         for e in card.evidence:
-            L.append(f"  - {e.id} [{e.source}, {e.date}]: {e.what} ({e.model})")
+            L.append(f"  - {e.id} [{e.source}, {e.date}" + (f", {e.ref}" if e.ref else "") + f"]: {e.what} ({e.model})")
     return "\n".join(L)
+
+
+def near_miss_text(miss: dict, card: Card) -> str:
+    diffs = ", ".join(f"{d['field']} ({d['row']} in the row, " + ("not given" if d["query"] is None else f"{d['query']} asked")
+                      + (f": pass --{d['field'].replace('_', '-')}" if d["query"] is None else "") + ")"
+                      for d in miss["mismatched"])
+    return (f"closest measured winner: {miss['row']} ({card.backend(miss['backend']).label}, {miss['source']}, "
+            f"{miss['date']}) differs in {diffs}")
+
+
+def fill_args(args: argparse.Namespace, facts: dict) -> None:
+    """The run's question where the command line left a field at its default."""
+    q = facts["question"]
+    if args.ep is None:
+        args.ep = q["ep"]
+    if args.hardware == "auto" and q["hardware"]:
+        args.hardware = q["hardware"]
+    if args.gpus_per_node is None and q["gpus_per_node"]:
+        args.gpus_per_node = q["gpus_per_node"]
+    if args.nodes is None and q["world"] and q["gpus_per_node"]:
+        args.nodes = max(1, q["world"] // q["gpus_per_node"])
+    if args.micro_batch is None:
+        args.micro_batch = q["micro_batch"]
+    if args.tp == 1 and q["tp"]:
+        args.tp = q["tp"]
+    if args.precision == "bf16":
+        args.precision = q["precision"]
+    if args.num_experts is None:
+        args.num_experts = q["num_experts"]
+
+
+def _has_gpu() -> bool:
+    return detect_gpus().ok
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     card = default_card()
     p.add_argument("--hardware", default="auto", help=f"auto (NVML / nvidia-smi) or one of: {', '.join(card.hardware_ids)}")
-    p.add_argument("--ep", type=int, required=True, help="expert-parallel degree")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (required unless --run gives it)")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="a recorded run folder (the probe's, or an imported Megatron dump): the question comes from its "
+                        "meta where present (flags given here win), and the answer reasons with its measured routing")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch size (the EFA A/Bs flip with it)")
+    p.add_argument("--interconnect", default=None, choices=list(card.interconnects),
+                   help="the fabric between nodes (or nvlink for one NVLink domain); some evidence depends on it")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: detected, else the card's value for the hardware")
     p.add_argument("--nodes", type=int, default=None, help="default: the fewest nodes that hold the EP group")
     p.add_argument("--nvlink-domain", type=int, default=None, help="GPUs per NVLink domain (default: node for HGX, 72 for NVL72)")
@@ -202,6 +273,7 @@ def build_query(args: argparse.Namespace, card: Card, detector: Callable[[], Det
         nodes=nodes, nvlink_domain=topo.nvlink_domain, precision=args.precision,
         memory_tight=args.memory_tight, num_experts=num_experts, tp=args.tp, cp=getattr(args, "cp", 1), force=force,
         ep_overlap=getattr(args, "ep_overlap", False), cuda_graphs=getattr(args, "cuda_graphs", False),
+        micro_batch=getattr(args, "micro_batch", None), interconnect=getattr(args, "interconnect", None),
     )
 
 
@@ -211,6 +283,14 @@ def availability_from_args(card: Card, assume: str | None) -> Availability:
 
 def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected] = detect_gpus) -> Recommendation:
     """The full answer of `moe-probe recommend`: the decision plus, at performance, the A/B plan."""
+    run_facts = None
+    if getattr(args, "run", None):
+        from megatron_moe_probe.selection import from_run
+
+        run_facts = from_run.read_run(args.run)
+        fill_args(args, run_facts)
+    if args.ep is None:
+        raise UsageError("--ep is required (or --run RUN, whose records give it)")
     q = build_query(args, card, detector)
     rec = recommend(q, card, availability_from_args(card, args.assume_installed))
     if args.recipe is not None:
@@ -221,6 +301,10 @@ def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected
     rec.plan = ab_plan(card, rec, recipe, args.assume_installed, getattr(args, "ab_out", None))
     if rec.plan is not None:
         rec.plan["notes"] = notes + rec.plan["notes"]
+    if run_facts is not None:
+        from megatron_moe_probe.selection import from_run
+
+        rec.run = from_run.reason(card, rec, run_facts)
     return rec
 
 

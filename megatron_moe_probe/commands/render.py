@@ -17,7 +17,8 @@ from megatron_moe_probe.selection.card import default_card
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="NAME, NAME:VARIANT or a path to a recipe .yaml")
     p.add_argument("--list", action="store_true", help="list recipes and their variants")
-    p.add_argument("--format", choices=["megatron", "bridge", "both", "json"], default="megatron")
+    p.add_argument("--format", choices=["megatron", "bridge", "both", "json", "sbatch"], default="megatron",
+                   help="sbatch: a Slurm batch script that trains the recipe on its nodes (srun, one task per GPU)")
     p.add_argument("--no-probe", action="store_true", help="leave out the probe's --moe-probe* flags")
     p.add_argument("--assume-installed", default=None, metavar="LIST",
                    help="resolve `auto` for another container: comma list (deepep,hybridep,ncclep,permute-fusion), 'all' or 'none'; default: probe this machine")
@@ -34,7 +35,14 @@ def run(args: argparse.Namespace) -> int:
     card = default_card()
     availability = probe(card) if args.assume_installed is None else assumed(card, parse_backend_list(args.assume_installed))
     r = load_recipe(args.recipe)
-    text = render_document(r, availability, args.format, include_probe=not args.no_probe)
+    if args.format == "sbatch":
+        from megatron_moe_probe.sbatch import recipe_script
+
+        if args.no_probe:
+            raise UsageError("--format sbatch trains through `moe-probe train`; leave the probe on (or edit the script)")
+        text = recipe_script(args.recipe, assume_installed=args.assume_installed)
+    else:
+        text = render_document(r, availability, args.format, include_probe=not args.no_probe)
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():

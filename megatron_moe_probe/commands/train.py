@@ -52,10 +52,15 @@ def run(args: argparse.Namespace) -> int:
     plan = torchrun.plan_training(args.recipe, variant=args.variant, data_path=args.data_path,
                                   assume_installed=args.assume_installed, include_probe=not args.no_probe,
                                   extra_args=args.megatron_args, dispatcher=args.dispatcher)
-    cmd, nproc, nnodes = torchrun.torchrun_command(
-        plan.megatron_args, recipe=args.recipe, variant=args.variant, nnodes=args.nnodes,
-        nproc_per_node=args.nproc_per_node, node_rank=args.node_rank, master_addr=args.master_addr,
-        master_port=args.master_port)
+    launched = torchrun.inside_launcher()  # srun/torchrun already set the rendezvous: no command needed
+
+    def build(node_rank, master_addr):
+        return torchrun.torchrun_command(
+            plan.megatron_args, recipe=args.recipe, variant=args.variant, nnodes=args.nnodes,
+            nproc_per_node=args.nproc_per_node, node_rank=node_rank, master_addr=master_addr,
+            master_port=args.master_port, placeholders=args.dry_run or launched)
+
+    cmd, nproc, nnodes = build(args.node_rank, args.master_addr)
     # Megatron's own parser with the probe's flags, before anything is printed or launched:
     # a mistake (`--moe-probe-interval -3`, an unknown writer, a misspelt flag) costs no GPU time.
     check_megatron_args(plan.megatron_args)
@@ -68,13 +73,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"# torchrun (python -m torch.distributed.run): {nproc} process(es) per node x {nnodes} node(s)")
         for n in notes:
             print(f"# {n}")
-        print(torchrun.format_command(cmd, env))
+        if nnodes == 1:
+            print(torchrun.format_command(cmd, env))
+            return 0
+        print("# multi-node: run one command per node (or `moe-probe render RECIPE --format sbatch` for Slurm)")
+        for heading, node_cmd in torchrun.per_node_commands(lambda r, a: build(r, a)[0], nnodes, args.node_rank,
+                                                            args.master_addr):
+            print(f"# {heading}")
+            print(torchrun.format_command(node_cmd, env))
         return 0
     for n in notes:
         print(f"moe-probe train: {n}", file=sys.stderr)
     if not torch.cuda.is_available():
         raise UsageError(worker.NO_CUDA)
-    if torchrun.inside_launcher():
+    if launched:
         os.environ.update(env)
         return worker.main(plan.megatron_args)
     have = torch.cuda.device_count()

@@ -26,7 +26,11 @@ from megatron_moe_probe.yaml_io import package_data, read_yaml
 
 BackendId = Literal["alltoall", "allgather", "deepep", "hybridep", "ncclep"]
 BACKEND_IDS: tuple[str, ...] = ("alltoall", "allgather", "deepep", "hybridep", "ncclep")
-Source = Literal["seed", "seed-upstream", "bridge", "megatron", "project"]
+Source = Literal["seed", "seed-upstream", "bridge", "megatron", "project", "public"]
+# The interconnect a query names (inputs where the evidence depends on it: the AWS EFA A/Bs,
+# Bridge's Spectrum-X NCCL EP failure). None in a query means "not given".
+Interconnect = Literal["nvlink", "infiniband", "efa", "spectrum-x"]
+INTERCONNECTS: tuple[str, ...] = ("nvlink", "infiniband", "efa", "spectrum-x")
 # YYYY-MM or YYYY-MM-DD: comparable as strings, so "later evidence decides" is a string compare.
 Date = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}(-\d{2})?$")]
 
@@ -153,6 +157,7 @@ class Candidate(_Strict):
 class _Dated(_Strict):
     source: Source
     date: Date
+    ref: str | None = None
     history: list[Earlier] = []
 
     @model_validator(mode="after")
@@ -183,10 +188,16 @@ class ModelRow(_Dated):
     notes: str
 
 
+class InterconnectRow(_Dated):
+    row: str
+    text: str
+
+
 class Tables(_Strict):
     by_hardware: list[HardwareRow]
     by_ep: list[EpRow]
     by_model: list[ModelRow]
+    by_interconnect: list[InterconnectRow] = []
 
 
 class When(_Strict):
@@ -198,6 +209,10 @@ class When(_Strict):
     ep_max: int | None = None
     precision: list[Literal["bf16", "fp8"]] | None = None
     memory_tight: bool | None = None
+    interconnect: list[Interconnect] | None = None   # the query must name one of these
+    micro_batch_max: int | None = None               # the query must name a micro-batch <= this
+    micro_batch_min: int | None = None               # ... or >= this
+    nodes_min: int | None = None                     # the query spans at least this many nodes
 
 
 class Rule(_Strict):
@@ -210,6 +225,7 @@ class Rule(_Strict):
     source: Source
     date: Date
     superseded_by: str | None = None       # a newer rule id: this one is history, not applied
+    ref: str | None = None
 
 
 class Pitfall(_Strict):
@@ -217,6 +233,11 @@ class Pitfall(_Strict):
     text: str
     source: Source
     date: Date
+    ref: str | None = None
+    verified: bool = True                  # False: a figure from the issue's summary not found in the stored source
+    verify_note: str | None = None
+    when: "When | None" = None             # recommend warns with it when the query matches ...
+    backend: BackendId | None = None       # ... and this backend is among the candidates
 
 
 class Interaction(_Strict):
@@ -231,6 +252,7 @@ class Limitation(_Strict):
     text: str
     source: Source
     date: Date
+    ref: str | None = None
 
 
 class Measured(_Strict):
@@ -254,6 +276,9 @@ class Measured(_Strict):
     mfu: str | None = None
     num_sms: int | None = None
     ep_overlap: bool = False
+    micro_batch: int | None = None         # set where the evidence depends on it (the AWS A/Bs)
+    interconnect: Interconnect | None = None
+    versus: dict[str, float] = {}          # the same cell's step time (s) with other backends
     note: str | None = None
     source: Source
     date: Date
@@ -325,10 +350,43 @@ class Evidence(_Strict):
     date: Date
     what: str
     model: str
+    ref: str | None = None
+    verified: bool = True
+
+
+class NewDispatcher(_Strict):
+    """A dispatcher that Megatron-Core 0.19 does not have: its limits and where it lives.
+    recommend names it (never picks it) when the query fits its limits."""
+    id: str
+    label: str
+    where: str                             # the Megatron version / branch / PR that has it
+    not_in: str                            # e.g. "megatron-core 0.19.2"
+    what: str
+    limits: list[str]
+    fits: When                             # the query must satisfy these to be named
+    ep_in_nvlink_domain: bool = False      # the EP group must sit inside one NVLink domain
+    with_backend: BackendId | None = None  # named only when this backend is a candidate
+    evidence: str | None = None
+    source: Source
+    date: Date
+    ref: str
+    verified: bool = True
+    verify_note: str | None = None
+
+
+class CorrectnessCheck(_Strict):
+    """What to check before trusting a dispatcher at large EP (recommend prints them at ep >= ep_min)."""
+    id: str
+    ep_min: int
+    check: str
+    because: str
+    source: Source
+    date: Date
+    ref: str
 
 
 class Card(_Strict):
-    schema_version: Literal[2]
+    schema_version: Literal[3]
     name: str
     description: str
     when_to_use: str
@@ -358,6 +416,9 @@ class Card(_Strict):
     interactions: list[Interaction]
     known_limitations: list[Limitation]
     evidence: list[Evidence]
+    new_dispatchers: list[NewDispatcher] = []
+    correctness_checks: list[CorrectnessCheck] = []
+    interconnects: list[Interconnect] = list(INTERCONNECTS)
 
     @model_validator(mode="after")
     def _cross_refs(self) -> "Card":
@@ -376,6 +437,7 @@ class Card(_Strict):
         row_names = {f"by_hardware:{r.row}" for r in self.tables.by_hardware}
         row_names |= {f"by_ep:{r.row}" for r in self.tables.by_ep}
         row_names |= {f"by_model:{r.row}" for r in self.tables.by_model}
+        row_names |= {f"by_interconnect:{r.row}" for r in self.tables.by_interconnect}
         covered = [h for r in self.tables.by_hardware for h in r.hardware]
         for h in covered:
             if h not in hw_ids:
@@ -478,7 +540,7 @@ class Card(_Strict):
                 return r
         raise KeyError(hw_id)
 
-    def table_row(self, ref: str) -> HardwareRow | EpRow | ModelRow:
+    def table_row(self, ref: str) -> HardwareRow | EpRow | ModelRow | InterconnectRow:
         table, _, row = ref.partition(":")
         for r in getattr(self.tables, table):
             if r.row == row:
@@ -531,8 +593,8 @@ def _label(card: Card, backend_id: str) -> str:
     return f"`{b.id}`" if b.dispatcher_type != "flex" else b.label
 
 
-def _src(source: str, date: str) -> str:
-    return f"{source}, {date}"
+def _src(source: str, date: str, ref: str | None = None) -> str:
+    return f"{source}, {date}" + (f", {ref}" if ref and source == "public" else "")
 
 
 def _earlier(history: list[Earlier]) -> str:
@@ -545,7 +607,7 @@ def skill_tables(card: Card) -> dict[str, str]:
     rows = ["| Hardware | Bring-up path | Tuned candidates | Why | Source | Earlier |", "|---|---|---|---|---|---|"]
     for r in card.tables.by_hardware:
         tuned = ", ".join(_label(card, c.backend) for c in r.tuned)
-        rows.append(f"| {r.row} | {_label(card, r.bring_up)} | {tuned}: {r.text} | {r.why} | {_src(r.source, r.date)} | {_earlier(r.history)} |")
+        rows.append(f"| {r.row} | {_label(card, r.bring_up)} | {tuned}: {r.text} | {r.why} | {_src(r.source, r.date, r.ref)} | {_earlier(r.history)} |")
     out["by_hardware"] = "\n".join(rows)
     rows = ["| EP size | Guidance | Source | Earlier |", "|---|---|---|---|"]
     rows += [f"| {r.row} | {r.text} | {_src(r.source, r.date)} | {_earlier(r.history)} |" for r in card.tables.by_ep]
@@ -553,15 +615,29 @@ def skill_tables(card: Card) -> dict[str, str]:
     rows += ["", "EP classes as this card computes them: " + "; ".join(f"**{k}**: {v}" for k, v in defs.items()) + "."]
     out["by_ep"] = "\n".join(rows)
     rows = ["| Workload | Common best path | Notes | Source | Earlier |", "|---|---|---|---|---|"]
-    rows += [f"| {r.row} | {r.text} | {r.notes} | {_src(r.source, r.date)} | {_earlier(r.history)} |" for r in card.tables.by_model]
+    rows += [f"| {r.row} | {r.text} | {r.notes} | {_src(r.source, r.date, r.ref)} | {_earlier(r.history)} |" for r in card.tables.by_model]
     out["by_model"] = "\n".join(rows)
+    rows = ["| Interconnect / micro-batch | Guidance | Source | Earlier |", "|---|---|---|---|"]
+    rows += [f"| {r.row} | {r.text} | {_src(r.source, r.date, r.ref)} | {_earlier(r.history)} |" for r in card.tables.by_interconnect]
+    out["by_interconnect"] = "\n".join(rows)
+    rows = ["| Dispatcher | Where (not in Megatron-Core 0.19) | What | Limits | Source |", "|---|---|---|---|---|"]
+    for d in card.new_dispatchers:
+        lim = "; ".join(d.limits) + ("" if d.verified else f" (unverified: {d.verify_note})")
+        rows.append(f"| {d.label} | {d.where} | {d.what} | {lim} | {_src(d.source, d.date, d.ref)} |")
+    out["new_dispatchers"] = "\n".join(rows)
+    rows = ["| From EP | Check | Because | Source |", "|---|---|---|---|"]
+    rows += [f"| {c.ep_min} | {c.check} | {c.because} | {_src(c.source, c.date, c.ref)} |" for c in card.correctness_checks]
+    out["correctness"] = "\n".join(rows)
     rows = ["| Model | Hardware | Dispatcher | Precision | TFLOP/s/GPU | Step time | Parallelism | Role | Source | Note |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in card.measured:
         tf = "-" if m.tflops_per_gpu is None else ("~" if m.tflops_approx else "") + f"{m.tflops_per_gpu:g}"
         st = "-" if m.step_time_s is None else f"{m.step_time_s:g} s"
+        shape = m.parallelism + (f" mb{m.micro_batch}" if m.micro_batch else "") + (f" {m.interconnect}" if m.interconnect else "")
+        vs = "; ".join(f"{_label(card, b)} {t:g} s" for b, t in m.versus.items())
+        note = m.note or (m.mfu and 'MFU ' + m.mfu) or '-'
         rows.append(f"| {m.model_label} | {m.gpus}×{m.hardware} | {_label(card, m.backend)} | {m.precision_detail} | {tf} | {st} "
-                    f"| {m.parallelism} | {m.role} | {_src(m.source, m.date)} | {m.note or (m.mfu and 'MFU ' + m.mfu) or '-'} |")
+                    f"| {shape} | {m.role} | {_src(m.source, m.date, m.ref)} | {note + (' (vs ' + vs + ')' if vs else '')} |")
     out["measured"] = "\n".join(rows)
     rows = ["| Parameter | Default | Recommended | Why | Source |", "|---|---|---|---|---|"]
     for tp in card.tuning:
@@ -578,7 +654,7 @@ def skill_tables(card: Card) -> dict[str, str]:
         cond = ", ".join(f"{k}={_fmt(v)}" for k, v in rule.when.model_dump(exclude_none=True).items())
         also = ", ".join(_label(card, b) for b in rule.also_measure) or "-"
         status = f"superseded by `{rule.superseded_by}`" if rule.superseded_by else "current"
-        rows.append(f"| {i} | `{rule.id}` | {cond} | {_label(card, rule.choose)} | {also} | {_src(rule.source, rule.date)} | {status} |")
+        rows.append(f"| {i} | `{rule.id}` | {cond} | {_label(card, rule.choose)} | {also} | {_src(rule.source, rule.date, rule.ref)} | {status} |")
     out["rules"] = "\n".join(rows)
     rows = ["| Backend | Megatron-LM flags | Megatron-Bridge overrides | Needs (import) | Fallback |", "|---|---|---|---|---|"]
     for b in card.backends:
@@ -592,8 +668,10 @@ def skill_tables(card: Card) -> dict[str, str]:
         fb = card.fallback[b.id]
         rows.append(f"| {_label(card, b.id)} | `{flags}` | `{bridge}` | {needs} | {_label(card, fb) if fb else '-'} |")
     out["backends"] = "\n".join(rows)
-    out["pitfalls"] = "\n".join(f"{i}. {p.text} ({_src(p.source, p.date)})" for i, p in enumerate(card.pitfalls, 1))
-    out["limitations"] = "\n".join(f"- {lim.text} ({_src(lim.source, lim.date)})" for lim in card.known_limitations)
+    out["pitfalls"] = "\n".join(f"{i}. {p.text} ({_src(p.source, p.date, p.ref)})"
+                                 + ("" if p.verified else f" [unverified: {p.verify_note}]")
+                                 for i, p in enumerate(card.pitfalls, 1))
+    out["limitations"] = "\n".join(f"- {lim.text} ({_src(lim.source, lim.date, lim.ref)})" for lim in card.known_limitations)
     return out
 
 

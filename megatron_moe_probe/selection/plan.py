@@ -37,11 +37,25 @@ def ab_plan(card: Card, rec: Recommendation, recipe: str | None, assume_installe
                    "the A/B confirms it on your stack")
     else:
         decides = "no measured winner for this model, hardware and scale: the A/B decides"
+        if rec.near_miss and rec.near_miss["fields"]:
+            decides += (f" (the closest measured winner, {rec.near_miss['row']}, differs in "
+                        f"{', '.join(rec.near_miss['fields'])})")
     notes = []
     if recipe is None:
         notes.append(f"no recipe matches the query: replace {RECIPE_PLACEHOLDER} with yours (moe-probe render --list)")
     if len(backends) < 2:
         notes.append("only the baseline is installed: install a candidate before the A/B means anything")
+    multi_node = []
+    if rec.query.nodes > 1:
+        from megatron_moe_probe.torchrun import MASTER_ADDR_VAR, NODE_RANK_VAR, shell_join
+
+        head = cmd[:cmd.index("--")]
+        per_node = [*head, "--node-rank", NODE_RANK_VAR, "--master-addr", MASTER_ADDR_VAR, "--", *ab.benchmark_args]
+        sb_dir = f"{out}-sbatch"
+        multi_node = [f"{rec.query.nodes} nodes: on every node, with NODE_RANK and MASTER_ADDR (node 0) set: "
+                      + shell_join(per_node),
+                      "or under Slurm (one batch script per cell, srun with one task per GPU): "
+                      + shell_join([*head, "--sbatch", sb_dir, "--", *ab.benchmark_args])]
     return {
         "decides": decides,
         "recipe": recipe,
@@ -56,4 +70,5 @@ def ab_plan(card: Card, rec: Recommendation, recipe: str | None, assume_installe
         "source": ab.source,
         "date": ab.date,
         "notes": notes,
+        "multi_node": multi_node,
     }

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import Availability, probe
-from megatron_moe_probe.selection.card import BACKEND_IDS, Card, Measured, Rule, default_card
+from megatron_moe_probe.selection.card import BACKEND_IDS, INTERCONNECTS, Card, Measured, Rule, When, default_card
 
 Decision = Literal["forced", "ep-one", "bring-up", "measured-winner", "ab-decides"]
 
@@ -47,6 +47,8 @@ class Query:
     num_sms: int | None = None       # flex SM count; None: the card's default for the backend
     ep_overlap: bool = False         # --overlap-moe-expert-parallel-comm
     cuda_graphs: bool = False
+    micro_batch: int | None = None   # --micro-batch-size; None: not given (rules that need it do not match)
+    interconnect: str | None = None  # nvlink, infiniband, efa, spectrum-x; None: not given
 
     @property
     def world(self) -> int | None:
@@ -107,6 +109,11 @@ class Recommendation:
     warnings: list[str] = field(default_factory=list)
     cited_rows: list[str] = field(default_factory=list)
     plan: dict | None = None         # the A/B plan (selection/plan.py), when asked for
+    near_miss: dict | None = None    # no winner: the closest measured winner and the fields that differ
+    cautions: list[dict] = field(default_factory=list)      # card pitfalls that apply, with source
+    correctness_checks: list[dict] = field(default_factory=list)
+    new_dispatchers: list[dict] = field(default_factory=list)
+    run: dict | None = None          # recommend --run: the measured routing and the reasoning on it
 
     @property
     def fallback_used(self) -> bool:
@@ -126,9 +133,10 @@ class Recommendation:
             decided = {"rule": "forced", "why": "backend forced by the user", "source": "user"}
         elif self.decision == "measured-winner":
             decided = {"rule": f"measured:{self.winner.id}", "why": "measured winner for this model, hardware and scale",
-                       "source": self.winner.source, "date": self.winner.date}
+                       "source": self.winner.source, "date": self.winner.date, "ref": self.winner.ref}
         else:
-            decided = {"rule": self.rule.id, "why": self.rule.why, "source": self.rule.source, "date": self.rule.date}
+            decided = {"rule": self.rule.id, "why": self.rule.why, "source": self.rule.source, "date": self.rule.date,
+                       "ref": self.rule.ref}
         return {
             "query": self.query.__dict__,
             "ep_class": self.ep_class,
@@ -152,6 +160,11 @@ class Recommendation:
             "flags": {k: v.to_dict() for k, v in self.flags.items()},
             "availability": self.availability.to_dict(),
             "plan": self.plan,
+            "near_miss": self.near_miss,
+            "cautions": self.cautions,
+            "correctness_checks": self.correctness_checks,
+            "new_dispatchers": self.new_dispatchers,
+            "run": self.run,
             "warnings": self.warnings,
         }
 
@@ -160,7 +173,8 @@ def measured_dict(m: Measured) -> dict:
     return {"id": m.id, "role": m.role, "model": m.model, "model_label": m.model_label, "hardware": m.hardware,
             "gpus": m.gpus, "ep": m.ep, "parallelism": m.parallelism, "backend": m.backend,
             "precision": m.precision_detail, "tflops_per_gpu": m.tflops_per_gpu, "tflops_approx": m.tflops_approx,
-            "step_time_s": m.step_time_s, "num_sms": m.num_sms, "note": m.note, "source": m.source, "date": m.date,
+            "step_time_s": m.step_time_s, "num_sms": m.num_sms, "micro_batch": m.micro_batch,
+            "interconnect": m.interconnect, "versus": dict(m.versus), "note": m.note, "source": m.source, "date": m.date,
             "ref": m.ref}
 
 
@@ -193,7 +207,11 @@ def topology_label(card: Card, q: Query) -> str:
 
 
 def rule_matches(rule: Rule, q: Query, facts: dict[str, Any]) -> bool:
-    w = rule.when
+    return when_matches(rule.when, q, facts)
+
+
+def when_matches(w: When, q: Query, facts: dict[str, Any]) -> bool:
+    """All of a card `when` holds for the query (a key the query does not give never holds)."""
     checks = [
         w.stage is None or q.stage == w.stage,
         w.hardware is None or q.hardware in w.hardware,
@@ -203,6 +221,10 @@ def rule_matches(rule: Rule, q: Query, facts: dict[str, Any]) -> bool:
         w.ep_max is None or q.ep <= w.ep_max,
         w.precision is None or q.precision in w.precision,
         w.memory_tight is None or q.memory_tight == w.memory_tight,
+        w.interconnect is None or q.interconnect in w.interconnect,
+        w.micro_batch_max is None or (q.micro_batch is not None and q.micro_batch <= w.micro_batch_max),
+        w.micro_batch_min is None or (q.micro_batch is not None and q.micro_batch >= w.micro_batch_min),
+        w.nodes_min is None or q.nodes >= w.nodes_min,
     ]
     return all(checks)
 
@@ -240,6 +262,10 @@ def validate_query(card: Card, q: Query) -> None:
             raise UsageError(
                 f"EP={q.ep} does not divide the {q.num_experts} experts; EP degrees that do: {', '.join(map(str, divisors))}"
             )
+    if q.micro_batch is not None and q.micro_batch < 1:
+        raise UsageError(f"--micro-batch must be >= 1 (got {q.micro_batch})")
+    if q.interconnect is not None and q.interconnect not in INTERCONNECTS:
+        raise UsageError(f"unknown interconnect {q.interconnect!r}; allowed: {', '.join(INTERCONNECTS)}")
     if q.force is not None and q.force not in BACKEND_IDS:
         raise UsageError(f"unknown backend {q.force!r}; allowed: auto, {', '.join(BACKEND_IDS)}")
 
@@ -291,13 +317,66 @@ def flag_set(card: Card, backend_id: str, q: Query, availability: Availability) 
 
 # -- the decision -----------------------------------------------------------------
 
+def winner_mismatches(m: Measured, q: Query) -> list[dict]:
+    """The fields in which a measured winner differs from the query (empty: it is the winner).
+    A row that depends on micro-batch or interconnect needs the query to give the same."""
+    pairs = [("model", m.model, q.model), ("hardware", m.hardware, q.hardware), ("ep", m.ep, q.ep),
+             ("precision", m.precision, q.precision)]
+    if q.world is not None:
+        pairs.append(("gpus", m.gpus, q.world))
+    if m.micro_batch is not None:
+        pairs.append(("micro_batch", m.micro_batch, q.micro_batch))
+    if m.interconnect is not None:
+        pairs.append(("interconnect", m.interconnect, q.interconnect))
+    return [{"field": f, "row": a, "query": b} for f, a, b in pairs if a != b]
+
+
 def find_winner(card: Card, q: Query) -> Measured | None:
-    """The measured winner for the same model, hardware, precision, GPU count and EP."""
+    """The measured winner for the same model, hardware, precision, GPU count and EP (and
+    micro-batch and interconnect where the row depends on them)."""
     for m in card.measured:
-        if (m.role == "winner" and m.model == q.model and m.hardware == q.hardware and m.ep == q.ep
-                and m.precision == q.precision and (q.world is None or m.gpus == q.world)):
+        if m.role == "winner" and not winner_mismatches(m, q):
             return m
     return None
+
+
+def near_miss(card: Card, q: Query) -> dict | None:
+    """The measured winner of the same model that differs from the query in the fewest fields,
+    and those fields: what to change (or to measure) for the card to have a winner."""
+    rows = [(winner_mismatches(m, q), m) for m in card.measured if m.role == "winner" and m.model == q.model]
+    if not rows:
+        return None
+    diff, m = min(rows, key=lambda r: len(r[0]))
+    return {"row": m.id, "backend": m.backend, "source": m.source, "date": m.date, "ref": m.ref,
+            "mismatched": diff, "fields": [d["field"] for d in diff]}
+
+
+def _caution_dict(p) -> dict:
+    return {"id": p.id, "text": p.text, "source": p.source, "date": p.date, "ref": p.ref, "verified": p.verified,
+            "verify_note": p.verify_note}
+
+
+def card_context(card: Card, q: Query, facts: dict[str, Any], candidates: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(cautions, correctness checks, new dispatchers) of the card that apply to this query."""
+    cautions = [_caution_dict(p) for p in card.pitfalls
+                if (p.when is not None or p.backend is not None)
+                and (p.when is None or when_matches(p.when, q, facts))
+                and (p.backend is None or p.backend in candidates)]
+    checks = [{"id": c.id, "check": c.check, "because": c.because, "source": c.source, "date": c.date, "ref": c.ref}
+              for c in card.correctness_checks if q.ep >= c.ep_min]
+    domain = q.nvlink_domain or card.hardware_entry(q.hardware).nvlink_domain
+    new = []
+    for d in card.new_dispatchers:
+        if q.ep <= 1 or not when_matches(d.fits, q, facts):
+            continue
+        if d.ep_in_nvlink_domain and (domain is None or q.ep > domain):
+            continue
+        if d.with_backend is not None and d.with_backend not in candidates:
+            continue
+        new.append({"id": d.id, "label": d.label, "where": d.where, "not_in": d.not_in, "what": d.what,
+                    "limits": list(d.limits), "source": d.source, "date": d.date, "ref": d.ref, "verified": d.verified,
+                    "verify_note": d.verify_note})
+    return cautions, checks, new
 
 
 def evidence_rows(card: Card, q: Query) -> list[Measured]:
@@ -404,12 +483,15 @@ def recommend(q: Query, card: Card | None = None, availability: Availability | N
             warnings.append(f"earlier evidence: rule '{r.id}' ({r.source}, {r.date}) said {card.backend(r.choose).label}; "
                             f"superseded by '{newer.id}' ({newer.source}, {newer.date})")
     cited = list(rule.cites) if rule and decision != "forced" else []
+    miss = near_miss(card, q) if decision == "ab-decides" else None
+    cautions, checks, new = card_context(card, q, facts, [c.backend for c in cands] + [first])
     return Recommendation(
         query=q, ep_class=facts["ep_class"], topology=topology_label(card, q), decision=decision,
         rule=rule if decision != "forced" else None, first_choice=first, first_choice_available=first_ok,
         use=use, fallback=fb, bring_up=base, candidates=cands, winner=winner, evidence=evidence_rows(card, q),
         history=history, other_matching_rules=others, flags=flags, availability=availability,
-        warnings=warnings, cited_rows=cited,
+        warnings=warnings, cited_rows=cited, near_miss=miss, cautions=cautions, correctness_checks=checks,
+        new_dispatchers=new,
     )
 
 
