@@ -31,6 +31,8 @@ class LocalWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         record.lock_run_folder(self.dir)  # before the first byte (RunFolderBusy when another run writes it)
         try:
+            if not (self.dir / record.META_FILE).exists():
+                record.write_meta(self.dir, {})  # meta first: readers refuse records without meta.json
             self._file = record.open_for_append(self.dir)
         except BaseException:
             record.release_lock(self.dir)
