@@ -179,7 +179,7 @@ def load_window(path: str | Path, steps: str | None = None, layers: list[int] | 
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"not a run folder: {path}")
-    from megatron_moe_probe.offline import megatron_dumps
+    from megatron_moe_probe import megatron_dumps
 
     # A folder of Megatron's own dumps (RouterTracer, tokens per expert) reads as a run too.
     meta, reports = megatron_dumps.load_if_dump(path) or load_run(path)

@@ -66,3 +66,24 @@ def int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+
+
+# Largest value a count-like flag takes (EP degree, experts, hidden size, interval, ...): far
+# above any real model, far below what overflows the int64 tensors the analyses build.
+MAX_FLAG_INT = 1 << 31
+
+
+def bounded_int(low: int = 1, high: int = MAX_FLAG_INT):
+    """argparse type: an integer in [low, high], else one line naming the bounds."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"want an integer from {low} to {high}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse

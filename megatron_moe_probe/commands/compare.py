@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if args.wandb_timeout < 1:
         raise UsageError(f"--wandb-timeout {args.wandb_timeout}: must be at least 1 second")
     plot = output_file(args.plot, "--plot", ".png")  # checked before any run is read
-    rows = compare(args.runs, parse_log_options(args.log), args.warmup, args.wandb_timeout)
+    from megatron_moe_probe.megatron_dumps import load_run_or_dump
+
+    rows = compare(args.runs, parse_log_options(args.log), args.warmup, args.wandb_timeout, load_run=load_run_or_dump)
     warn_about_warmup(rows)
     if args.json:
         print_json(rows)

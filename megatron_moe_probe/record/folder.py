@@ -154,12 +154,13 @@ def new_run_folder(folder: str | os.PathLike[str], flag: str = "--out") -> Itera
         what = "already holds a run" if holds_run(folder) else "exists and is not empty"
         raise UsageError(f"{flag} {folder} {what}; choose a new {flag} (nothing was changed)")
     parent = folder.parent if str(folder.parent) else Path(".")
-    if not parent.is_dir():
-        parent.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in (parent, *parent.parents) if not p.exists()]  # made here, removed on failure
     tmp = parent / f".{folder.name}.{os.getpid()}.partial"
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as exc:
+        _remove_made(missing)
         raise UsageError(f"cannot write the run folder {folder}: {exc.strerror or exc}") from None
     try:
         yield tmp
@@ -173,4 +174,10 @@ def new_run_folder(folder: str | os.PathLike[str], flag: str = "--out") -> Itera
                              f"(nothing was changed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(missing)
         raise
+
+
+def _remove_made(folders: list[Path]) -> None:
+    for made in folders:  # deepest first
+        _remove_if_empty(made)

@@ -6,6 +6,7 @@ line the CLI prints (errors.UsageError subclasses carry it to exit 2)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from megatron_moe_probe.errors import UsageError
@@ -15,13 +16,20 @@ class CorruptRunError(UsageError, ValueError):
     """A run folder that cannot be read (corruption other than a cut-short last line)."""
 
 
+# pydantic speaks Python; the files are JSON.
+_JSON_NAMES = {"dictionary": "an object", "list": "a list", "string": "a string", "integer": "an integer",
+               "number": "a number", "boolean": "true or false"}
+_JSON_WORDS = re.compile(r"a valid (dictionary|list|string|integer|number|boolean)(?: or instance of \w+)?")
+_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "literal"}
+
+
 def field_path(loc: tuple[Any, ...]) -> str:
     """('tokens_per_expert', 1, 0) -> 'tokens_per_expert[1][0]'."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before", "function-plain") or "[" in str(part):
+        elif part in _TAGS or "[" in str(part) or str(part).startswith("function-"):
             continue  # pydantic's names for validators and union members, not fields
         else:
             out += ("." if out else "") + str(part)
@@ -41,9 +49,15 @@ def describe(exc: Any) -> str:
         return str(exc)
     first = errors[0]
     where = field_path(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    message = message[:1].lower() + message[1:]
+    # The members of a union fail one by one: one problem, with every type it could have been.
+    same = [e for e in errors if field_path(tuple(e.get("loc", ()))) == where]
+    wanted = [str(e.get("msg", "invalid")).removeprefix("Value error, ").removeprefix("Input should be ")
+              for e in same]
+    message = "input should be " + ", or ".join(dict.fromkeys(wanted)) if len(same) > 1 else \
+        str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    message = _JSON_WORDS.sub(lambda m: _JSON_NAMES[m.group(1)], message[:1].lower() + message[1:])
     if first.get("type") not in ("value_error", "missing") and "input" in first:
         message += f", got {_short(first['input'])}"
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    others = len(errors) - len(same)
+    more = f" (and {others} more problem(s))" if others else ""
     return (f"field {where}: {message}" if where else message) + more
