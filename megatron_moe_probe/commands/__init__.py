@@ -87,3 +87,11 @@ def bounded_int(low: int = 1, high: int = MAX_FLAG_INT):
 
     parse.__name__ = "integer"
     return parse
+
+
+def save_figure(fig, path) -> None:
+    """A matplotlib figure as PNG at exactly `path`, whole or not at all (temp file + rename:
+    a full disk leaves no 0-byte or half image behind)."""
+    from megatron_moe_probe.record import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_moe_probe.commands import output_file, print_json
+from megatron_moe_probe.commands import output_file, print_json, save_figure
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.offline.compare import compare
 from megatron_moe_probe.values import format_or_dash as _fmt
@@ -132,4 +132,4 @@ def plot_runs(rows: list[dict], path: Path) -> None:
         fig.legend(loc="outside right upper", fontsize="small")  # beside the axes: no line hidden under it
     else:
         ax.legend()
-    fig.savefig(path, dpi=110, format="png")  # exactly `path`, whatever its name ends in
+    save_figure(fig, path)  # exactly `path`, whatever its name ends in

@@ -9,7 +9,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from megatron_moe_probe.commands import args_after_dashdash
+from megatron_moe_probe.commands import args_after_dashdash, save_figure
 from megatron_moe_probe.commands.compare import plot_runs, print_table
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.offline import matrix
@@ -113,11 +113,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"{shlex.join(cell.command)} > {out / cell.name / cell.log_name} 2>&1")
         print(f"## dry run: {len(cells)} cell(s) " + ("listed" if args.demo else "validated") + ", nothing trained")
         return 0
-    matrix.check_out_folder(out, cells)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {out}: {exc.strerror or exc}") from None
+    from megatron_moe_probe.record import lock_run_folder, release_lock
+
+    try:
+        lock_run_folder(out)  # one matrix per folder at a time, taken before the check it guards
+        matrix.check_out_folder(out, cells)
+    except BaseException:
+        release_lock(out)
+        if created:
+            out.rmdir()
+        raise
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -209,7 +221,7 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
         if key in ("max_over_mean", "receiver_skew"):
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="balanced (1.0)")
     fig.suptitle("matrix: median per cell, bars = min-max over repeats")
-    fig.savefig(path, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def _print_spread(spread: list[dict], console) -> None:
