@@ -8,7 +8,6 @@ run folders written with record.write_run) and every subprocess has a timeout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -19,82 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CLI, DATA, ENV, assert_one_line_error, cli, fake_run, tree_state
+from helpers import alive as _alive
+from helpers import wait_gone as _wait_gone
 from megatron_moe_probe import record
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
 RUN = DATA / "h200_run_mock"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-CLI = [sys.executable, "-m", "megatron_moe_probe.cli"]
-
-
-def cli(*argv, cwd=None, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, argv)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**ENV, **(env or {})}, **kw)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("moe-probe"), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def tree_state(folder: Path) -> dict[str, str]:
-    """Every file under `folder` with a hash of its bytes: what must not change."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def fake_run(folder: Path, step: int = 4, **meta) -> Path:
-    from tests_helpers_reports import report
-
-    record.write_run(folder, [report(step)], {"job": "demo", "dispatcher": "allgather", "data": "text", **meta})
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def _helpers(tmp_path, monkeypatch):
-    # A tiny importable module that makes records, so fake runs need no training.
-    helper = tmp_path / "helpers" / "tests_helpers_reports.py"
-    helper.parent.mkdir()
-    helper.write_text(
-        "from megatron_moe_probe.record import IntervalReport\n"
-        "def report(step, layers=(1, 2), experts=4, ep=2):\n"
-        "    tokens = [[10 * (e + 1) for e in range(experts)] for _ in layers]\n"
-        "    per_layer = [{'tokens': float(sum(t)), 'max_over_mean': 1.6, 'gini': 0.25} for t in tokens]\n"
-        "    rank = [[[5, 5], [5, 5]] for _ in layers]\n"
-        "    return IntervalReport(step=step, steps=step, time=1.0, layers=list(layers), num_experts=experts,\n"
-        "                          ep_size=ep, per_layer=per_layer, tokens_per_expert=tokens, rank_matrix=rank)\n")
-    monkeypatch.syspath_prepend(str(helper.parent))
 
 
 def _children_of(pid: int) -> list[int]:
     from megatron_moe_probe.lifetime import descendants
 
     return descendants(pid)
-
-
-def _alive(pids) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(pid)
-        except OSError:
-            pass
-    return out
-
-
-def _wait_gone(pids, seconds=15.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _alive(pids)
 
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -145,9 +80,14 @@ def test_training_run_folder_resumes_its_own_run_and_never_mixes_a_fresh_one(tmp
     run = fake_run(tmp_path / "moe_probe")
     before = tree_state(run)
     assert record.training_run_folder(run, resumed=True) == run  # resume: append, supersede
+    assert (run / record.LOCK_FILE).is_file()  # held for the writer until it closes
+    record.release_lock(run)
     fresh = record.training_run_folder(run, resumed=False)
-    assert fresh == tmp_path / "moe_probe-2" and fresh.is_dir() and not any(fresh.iterdir())
+    assert fresh == tmp_path / "moe_probe-2" and [p.name for p in fresh.iterdir()] == [record.LOCK_FILE]
+    record.release_lock(fresh)
+    assert not any(fresh.iterdir())
     assert record.training_run_folder(tmp_path / "new", resumed=False) == tmp_path / "new"
+    record.release_lock(tmp_path / "new")
     assert tree_state(run) == before
     # Two runs started in the same second never share a folder.
     a, b = record.fresh_run_folder(tmp_path / "demo-x"), record.fresh_run_folder(tmp_path / "demo-x")
@@ -158,6 +98,8 @@ def test_overwrite_replaces_only_the_runs_files(tmp_path):
     run = fake_run(tmp_path / "run")
     (run / "notes.txt").write_text("keep me")
     record.claim_run_folder(run, files=("train.jsonl",), overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == [record.LOCK_FILE, "notes.txt"]  # locked for the new run
+    record.release_lock(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
@@ -284,7 +226,7 @@ def _mistakes(tmp_path: Path) -> list[tuple[list, str]]:
         (["train", "tiny-gpu", "--dry-run", "--nproc-per-node", "0"], "--nproc-per-node 0"),
         (["train", "tiny-gpu", "--dry-run", "--nnodes", "0"], "--nnodes 0"),
         (["matrix", "--demo", "--out", tmp_path / "m", "--cell-timeout", "-5"], "--cell-timeout"),
-        (["build-dataset", "--input", blocker, "--output-prefix", blocker / "ds"], "does not exist"),
+        (["build-dataset", "--input", blocker, "--output-prefix", blocker / "ds"], "is a file"),
         (["render", "no-such-recipe"], "no-such-recipe"),
         (["recommend", "--ep", "x"], "invalid int"),
         (["nonsense-command"], "invalid choice"),
