@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         sub_parser = OneLineParser(prog=prog, description=COMMANDS[name][1])
         module.add_arguments(sub_parser)
+        from megatron_moe_probe.commands import bound_numeric_flags
+
+        bound_numeric_flags(sub_parser)  # no number a user types reaches an overflow
         args = sub_parser.parse_args(argv[1:])
         code = int(module.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

@@ -220,7 +220,7 @@ def _mistakes(tmp_path: Path) -> list[tuple[list, str]]:
         (["analyze", tmp_path / "nothing-here"], "not a run folder"),
         (["demo", "--lr", "-1"], "--lr"),
         (["demo", "--steps", "0"], "--steps"),
-        (["demo", "--steps", "x"], "invalid int"),
+        (["demo", "--steps", "x"], "want an integer"),
         (["demo", "--out", blocker], "is a file"),
         (["demo", "--out", blocker / "sub"], "cannot write the run folder"),
         (["train", "tiny-gpu", "--dry-run", "--nproc-per-node", "0"], "--nproc-per-node 0"),
@@ -228,7 +228,7 @@ def _mistakes(tmp_path: Path) -> list[tuple[list, str]]:
         (["matrix", "--demo", "--out", tmp_path / "m", "--cell-timeout", "-5"], "--cell-timeout"),
         (["build-dataset", "--input", blocker, "--output-prefix", blocker / "ds"], "is a file"),
         (["render", "no-such-recipe"], "no-such-recipe"),
-        (["recommend", "--ep", "x"], "invalid int"),
+        (["recommend", "--ep", "x"], "want an integer"),
         (["nonsense-command"], "invalid choice"),
     ]
 
@@ -400,15 +400,14 @@ w.close()
 
 def test_writers_started_at_the_same_moment_exactly_one_wins(tmp_path):
     """Real local writers (what the demo, `train`, Megatron's flags and the Bridge callback write
-    through), four at the same instant into one folder, twelve rounds: one wins every time."""
-    for round_ in range(12):
+    through), four at the same instant into one folder, eight rounds: one wins every time."""
+    for round_ in range(8):
         folder = tmp_path / f"r{round_}"
         folder.mkdir()
-        start = time.time() + 1.5  # all started and imported before the moment comes
+        start = time.time() + 1.2  # all started and imported before the moment comes
         procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(folder), str(start)], env=ENV,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(4)]
-        losers = [p for p in procs if p.wait(timeout=60) is not None] if False else []
         deadline = time.monotonic() + 60
         while sum(p.poll() is not None for p in procs) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -524,7 +523,8 @@ def test_import_on_a_full_disk_leaves_nothing_and_a_retry_works(tmp_path):
     assert tree_state(tmp_path) == before  # no half run, no temporary folder
     ok = cli("import", dump, "--out", out, "--interval", "1", timeout=300)
     assert ok.returncode == 0 and ok.stderr == "", ok.stderr
-    assert ok.stdout.count("note:") == 1  # the note once, on stdout (issue 25)
+    notes = record.load_meta(out)["imported"]["notes"]
+    assert notes and ok.stdout.count("note:") == len(notes)  # each note once, on stdout only (issue 25)
     assert [r.step for r in record.load_run(out)[1]] == [1, 2, 3, 4]
 
 
@@ -729,8 +729,7 @@ def test_a_damaged_matrix_json_is_one_line(tmp_path, capsys):
         ([*argv, matrix_folder("str", '{"cells": "x"}')], "field cells"),
         ([*argv, matrix_folder("status", '{"cells": [{"name": "a", "status": "great", "command": []}]}')],
          "cells[0].status"),
-        ([*argv, matrix_folder("bytes", '{"argv": ["\\u00e9"]}'.encode("utf-8").decode() + "\udcff" if False else
-                               '{"argv": 5}')], "field argv"),
+        ([*argv, matrix_folder("argv", '{"argv": 5}')], "field argv"),
     ])
 
 
@@ -738,14 +737,16 @@ def test_a_damaged_matrix_json_is_one_line(tmp_path, capsys):
 
 def test_a_closed_or_cut_stdout_ends_quietly_with_141(tmp_path):
     run = fake_run(tmp_path / "run")
-    commands = [["analyze", run, "--json"], ["analyze", run], ["compare", run], ["render", "--list"],
-                ["recommend", "--ep", "8", "--hardware", "h100", "--assume-installed", "all"]]
-    for argv in commands:
+    closed_cases = [["analyze", run], ["render", "--list"]]  # rich tables, plain text
+    cut_cases = [["analyze", run, "--json"], ["compare", run],
+                 ["recommend", "--ep", "8", "--hardware", "h100", "--assume-installed", "all"]]
+    for argv in closed_cases:
         closed = subprocess.run([*CLI, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, timeout=300, env=ENV,
                                 preexec_fn=lambda: os.close(1))  # `>&-`
         assert closed.returncode == 141, (argv, closed.returncode, closed.stderr)
         assert "error" not in closed.stderr and "Traceback" not in closed.stderr, (argv, closed.stderr)
+    for argv in cut_cases:
         cut = subprocess.Popen([*CLI, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         cut.stdout.close()  # the reader is gone before anything was written: `| head -c 0`
         err = cut.stderr.read().decode()

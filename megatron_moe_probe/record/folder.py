@@ -125,18 +125,17 @@ def training_run_folder(folder: str | os.PathLike[str], *, resumed: bool) -> Pat
     another live process writes (a relaunch while the old job still runs): it takes `<folder>-2`,
     `-3`, ... and says so once. Never raises for that (the probe must not stop training)."""
     folder = Path(folder)
-    if (resumed and holds_run(folder)) or not (folder.exists() and _taken(folder, ())):
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            acquire(folder)
-        except RunFolderBusy as exc:
-            fresh = fresh_run_folder(folder)
-            acquire(fresh)
-            log.warning("moe-probe: %s; writing this run to %s instead", exc, fresh)
-            return fresh
-        if resumed or not _taken(folder, ()):
-            return folder
-        release_lock(folder)  # another run landed there between the look and the lock
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        acquire(folder)  # first: a live writer there is named, whatever the folder holds
+    except RunFolderBusy as exc:
+        fresh = fresh_run_folder(folder)
+        acquire(fresh)
+        log.warning("moe-probe: %s; writing this run to %s instead", exc, fresh)
+        return fresh
+    if (resumed and holds_run(folder)) or not _taken(folder, ()):
+        return folder
+    release_lock(folder)
     fresh = fresh_run_folder(folder)
     acquire(fresh)
     log.warning("moe-probe: %s already holds another run (this one starts at iteration 0, not resumed); "
