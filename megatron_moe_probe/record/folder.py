@@ -129,18 +129,28 @@ def training_run_folder(folder: str | os.PathLike[str], *, resumed: bool) -> Pat
     try:
         acquire(folder)  # first: a live writer there is named, whatever the folder holds
     except RunFolderBusy as exc:
-        fresh = fresh_run_folder(folder)
-        acquire(fresh)
+        fresh = _fresh_locked(folder)
         log.warning("moe-probe: %s; writing this run to %s instead", exc, fresh)
         return fresh
     if (resumed and holds_run(folder)) or not _taken(folder, ()):
         return folder
     release_lock(folder)
-    fresh = fresh_run_folder(folder)
-    acquire(fresh)
+    fresh = _fresh_locked(folder)
     log.warning("moe-probe: %s already holds another run (this one starts at iteration 0, not resumed); "
                 "writing this run to %s instead", folder, fresh)
     return fresh
+
+
+def _fresh_locked(folder: Path) -> Path:
+    """A new `<folder>-N`, locked (made here, so no one else holds it; if one raced us to it, the next)."""
+    for _ in range(100):
+        fresh = fresh_run_folder(folder)
+        try:
+            acquire(fresh)
+            return fresh
+        except RunFolderBusy:
+            continue
+    return fresh_run_folder(folder)
 
 
 @contextlib.contextmanager
