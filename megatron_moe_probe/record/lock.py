@@ -15,6 +15,7 @@ removed when the last user releases it, or at exit.
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import os
@@ -113,7 +114,12 @@ def _try_take(folder: Path) -> tuple[int | None, dict]:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # This filesystem has no flock (ENOLCK, EINVAL): write unlocked rather than not at all.
+                    log.warning("moe-probe: %s: cannot lock the run folder (%s); one writer per folder is "
+                                "not enforced here", folder, exc.strerror or exc)
+                    return fd, {}
                 os.close(fd)
                 info = _read(path)
                 if not info:  # taken a moment ago, its holder not written yet
