@@ -10,6 +10,7 @@ installed distributions' metadata.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
@@ -18,8 +19,10 @@ import time
 from typing import Any
 
 from megatron_moe_probe.record import to_json_safe
-from megatron_moe_probe.record.run_meta import validate_meta, with_settings
+from megatron_moe_probe.record.run_meta import MetaError, validate_meta, with_settings
 from megatron_moe_probe.versions import installed_version
+
+log = logging.getLogger("megatron_moe_probe")
 
 _DISTRIBUTIONS = (
     "megatron-moe-probe",
@@ -84,5 +87,8 @@ def collect_run_meta(
     if extra:
         meta.update(to_json_safe(extra))
     meta = with_settings(meta)
-    validate_meta(meta, "run metadata")  # a framework handing over a wrong type is our bug: say so now
+    try:
+        validate_meta(meta, "run metadata")  # a framework handing over a wrong type is our bug: say so now
+    except MetaError as exc:  # ... but never into the training loop
+        log.warning("moe-probe: %s", exc)
     return meta
