@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
+from helpers import cli_in_process
 from megatron_moe_probe import recipes
-from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe import torchrun
 from megatron_moe_probe.megatron import data, launch, quirks
 
@@ -39,9 +39,7 @@ TINY_ARGS = (
 
 
 def cli(capsys, *argv):
-    rc = cli_main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+    return cli_in_process(capsys, *argv)
 
 
 def read_back(prefix):
