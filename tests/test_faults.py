@@ -528,6 +528,19 @@ def test_import_on_a_full_disk_leaves_nothing_and_a_retry_works(tmp_path):
     assert [r.step for r in record.load_run(out)[1]] == [1, 2, 3, 4]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_the_demo_on_a_full_disk_keeps_its_records_and_leaves_no_partial_plot(tmp_path):
+    """Every file may grow to 40 kB: the records fit, the plot (about 60 kB) does not."""
+    out = tmp_path / "run"
+    proc = subprocess.run([*CLI, "demo", "--steps", "2", "--interval", "1", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=ENV, preexec_fn=_full_disk_after(40_000))
+    assert proc.returncode == 0, proc.stderr
+    assert "plot not written" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["intervals.jsonl", "iterations", "layers.parquet", "meta.json",
+                                                     "train.jsonl"]  # no imbalance.png, no temp file, no lock
+    assert [r.step for r in record.load_run(out)[1]] == [1, 2]
+
+
 def test_a_folder_with_records_but_no_meta_is_refused(tmp_path):
     run = fake_run(tmp_path / "run")
     (run / record.META_FILE).unlink()
