@@ -18,6 +18,7 @@ from typing import Any, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record.problems import describe
 
 PositiveInt = Annotated[StrictInt, Field(ge=1, le=(1 << 62))]
@@ -82,8 +83,8 @@ class RunMeta(BaseModel):
     model: dict[str, Any] | None = None  # the demo's model config, for people
 
 
-class MetaError(ValueError):
-    """meta.json (or a meta dict) whose fields do not have their types."""
+class MetaError(UsageError, ValueError):
+    """meta.json (or a meta dict: a wandb run's config) whose fields do not have their types."""
 
 
 def validate_meta(meta: Any, where: str = "meta.json") -> RunMeta:
