@@ -13,24 +13,20 @@ overrides keys read from the meta.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from typing import Any
 
-GROUP_ENV = "WANDB_RUN_GROUP"
-KEYS_ENV = "MOE_PROBE_GROUP_KEYS"
-KEYS = ("group", "dispatcher", "backend", "ep", "tp", "hardware", "recipe", "data")
+from megatron_moe_probe.environment import GROUP_ENV, KEYS_ENV, KEYS, group_keys_from_environment
+from megatron_moe_probe.record.names import SUMMARY_STATS
+from megatron_moe_probe.record.run_meta import settings_of
 
-# Per-layer columns of the end-of-run summary table (medians over the run's reports).
-SUMMARY_STATS = ("tokens", "max_over_mean", "max_over_mean_step_worst", "gini", "cv", "entropy", "dead_experts",
-                 "rank_max_over_mean", "receiver_skew", "inter_node_fraction", "dropped_fraction",
-                 "dispatch_fwd_ms", "combine_fwd_ms", "dispatch_bwd_ms", "combine_bwd_ms")
+__all__ = ["GROUP_ENV", "KEYS_ENV", "KEYS", "SUMMARY_STATS", "group_keys", "summary_rows"]
 
 
 def _hardware(meta: dict[str, Any]) -> str | None:
-    hw = meta.get("hardware") or {}
+    hw = meta.get("hardware") if isinstance(meta.get("hardware"), dict) else {}
     gpus = hw.get("gpus")
     if gpus:
         return f"{len(gpus)}x{gpus[0]}" if len(set(gpus)) == 1 else ",".join(gpus)
@@ -40,31 +36,26 @@ def _hardware(meta: dict[str, Any]) -> str | None:
 def group_keys(meta: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The grouping keys of a run, from its meta (and, on the writing side, the environment)."""
     env = os.environ if environ is None else environ
-    args = meta.get("args") or {}
-    model = meta.get("model") or {}
-    dispatcher = meta.get("dispatcher") or args.get("moe_token_dispatcher_type")
+    settings, _ = settings_of(meta)
+    dispatcher = meta.get("dispatcher") or settings.dispatcher
     if isinstance(dispatcher, list):
         dispatcher = ",".join(dispatcher)
+    recipe = meta.get("recipe")
     keys: dict[str, Any] = {
         "group": None,
         "dispatcher": dispatcher,
-        "backend": args.get("moe_flex_dispatcher_backend") if dispatcher == "flex" else None,
-        "ep": args.get("expert_model_parallel_size") or model.get("ep") or meta.get("world_size"),
-        "tp": args.get("tensor_model_parallel_size") or model.get("tp"),
+        "backend": settings.flex_backend if dispatcher == "flex" else None,
+        "ep": settings.expert_parallel or meta.get("world_size"),
+        "tp": settings.tensor_parallel,
         "hardware": _hardware(meta),
-        "recipe": meta.get("recipe") if isinstance(meta.get("recipe"), str) else (meta.get("recipe") or {}).get("name"),
+        "recipe": recipe if isinstance(recipe, str) else (recipe or {}).get("name"),
         "data": meta.get("data"),
     }
     if isinstance(meta.get("group"), dict):  # already resolved (a meta written with its keys)
         keys.update({k: v for k, v in meta["group"].items() if v is not None})
     if env.get(GROUP_ENV):
         keys["group"] = env[GROUP_ENV]
-    if env.get(KEYS_ENV):
-        try:
-            given = json.loads(env[KEYS_ENV])
-        except ValueError:
-            given = {}
-        keys.update({k: v for k, v in given.items() if k in KEYS and v is not None})
+    keys.update(group_keys_from_environment(env))
     return keys
 
 

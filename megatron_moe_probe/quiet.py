@@ -6,7 +6,8 @@ is kept. They are about the machine, not about the run:
   toolkit; printed once per process, so once per demo rank);
 - Megatron-Core: "GPTModel IS DEPRECATED ..." (the demo's model is ours to choose, not the user's);
 - Megatron-Core: "Transformer Engine and Apex are not installed. Falling back to ..." (printed
-  by four modules on import; the CPU paths and build-dataset never use those kernels).
+  by four modules on import; the CPU paths and build-dataset never use those kernels);
+- Megatron-Core: "absl.logging is not installed" (hyper_comm_grid, on import: logging works without it).
 Call `quiet_cpu_notices()` before importing torch's cpp_extension or Megatron.
 """
 
@@ -19,7 +20,7 @@ _LOGGER_MESSAGES = {
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
 }
-_WARNINGS = ("Transformer Engine and Apex are not installed",)
+_WARNINGS = ("Transformer Engine and Apex are not installed", "absl.logging is not installed")
 
 
 class _DropMessages(logging.Filter):

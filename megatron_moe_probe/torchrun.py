@@ -90,7 +90,7 @@ def plan_training(recipe: Optional[str], *, variant: Optional[str] = None, data_
     if dispatcher:
         r = recipes.with_dispatcher(r, dispatcher)
     if data_path:
-        from megatron_moe_probe.megatron.data import require_dataset
+        from megatron_moe_probe.dataset_files import require_dataset
 
         for prefix in blend_prefixes(data_path):
             require_dataset(prefix, "--data-path", "build one with `moe-probe build-dataset`")

@@ -4,23 +4,17 @@ alltoall and allgather dispatchers over gloo, outputs checked; clear errors for 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import cli
 from megatron_moe_probe.analysis import routing_replay as rr
 from megatron_moe_probe.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _cli(*argv, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "megatron_moe_probe.cli", *map(str, argv)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return cli(*argv, timeout=timeout)
 
 
 def test_routing_map_matches_counts_exactly():

@@ -4,15 +4,12 @@ and Megatron's log lines of a mock-data and a real-text run of the tiny-gpu reci
 import json
 import math
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
+from helpers import H200_RUNS, assert_one_line_error, cli
 from megatron_moe_probe.offline.compare import compare
 from megatron_moe_probe.offline.train_log import read_train_log
 
-DATA = Path(__file__).parent / "data"
-RUNS = [DATA / "h200_run_mock", DATA / "h200_run_text"]
+RUNS = list(H200_RUNS)
 
 
 def _log_numbers(path):
@@ -62,11 +59,8 @@ def test_compare_two_h200_runs():
 
 def test_compare_cli_table_plot_and_bad_input(tmp_path):
     plot = tmp_path / "cmp.png"
-    cmd = [sys.executable, "-m", "megatron_moe_probe.cli", "compare", *map(str, RUNS), "--plot", str(plot)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = cli("compare", *RUNS, "--plot", plot)
     assert proc.returncode == 0, proc.stderr
     assert "h200_run_mock" in proc.stdout and "h200_run_text" in proc.stdout
     assert plot.stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "megatron_moe_probe.cli", "compare", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not a run folder" in bad.stderr
+    assert_one_line_error(cli("compare", tmp_path / "nope"), "not a run folder")

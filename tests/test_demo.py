@@ -1,15 +1,13 @@
 """The main job (`moe-probe demo`) end to end, as the README runs it."""
 
 import json
-import subprocess
-import sys
 
+from helpers import cli
 from megatron_moe_probe.cpu.cluster import TinyMoEConfig
 
 
 def _demo(*argv):
-    return subprocess.run([sys.executable, "-m", "megatron_moe_probe.cli", "demo", *argv],
-                          capture_output=True, text=True, timeout=600)
+    return cli("demo", *argv, timeout=600)
 
 
 def test_demo_trains_and_writes_a_consistent_run(tmp_path):

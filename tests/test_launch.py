@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
+from helpers import cli_in_process
 from megatron_moe_probe import recipes
-from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe import torchrun
 from megatron_moe_probe.megatron import data, launch, quirks
 
@@ -39,9 +39,7 @@ TINY_ARGS = (
 
 
 def cli(capsys, *argv):
-    rc = cli_main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+    return cli_in_process(capsys, *argv)
 
 
 def read_back(prefix):
@@ -81,7 +79,8 @@ def test_build_dataset_lines_and_jsonl(tmp_path, capsys):
     assert got == [list(b"one"), list(b"two two"), list(b"three"), list("f\u00fcnf".encode())]
 
 
-@pytest.mark.parametrize("case", ["empty-files", "missing", "bad-jsonl", "no-folder", "bad-tokenizer", "hf-no-dir"])
+@pytest.mark.parametrize("case", ["empty-files", "missing", "bad-jsonl", "folder-is-a-file", "bad-tokenizer",
+                                  "hf-no-dir"])
 def test_build_dataset_errors_exit_2_and_leave_nothing(tmp_path, capsys, case):
     src = tmp_path / "in"
     src.mkdir()
@@ -94,9 +93,10 @@ def test_build_dataset_errors_exit_2_and_leave_nothing(tmp_path, capsys, case):
     elif case == "bad-jsonl":
         (src / "x.jsonl").write_text('{"body": "no text key"}\n')
         args = ["--input", str(src / "x.jsonl")]
-    elif case == "no-folder":
+    elif case == "folder-is-a-file":  # a missing folder is created (issue 25); one that cannot be, refused
         (src / "ok.txt").write_text("text")
-        prefix = tmp_path / "missing-dir" / "c"
+        (tmp_path / "a-file").write_text("x")
+        prefix = tmp_path / "a-file" / "c"
     elif case == "bad-tokenizer":
         (src / "ok.txt").write_text("text")
         args += ["--tokenizer", "gpt5"]
@@ -108,7 +108,7 @@ def test_build_dataset_errors_exit_2_and_leave_nothing(tmp_path, capsys, case):
     assert rc == 2, (out, err)
     assert "moe-probe build-dataset: error:" in err
     expected = {"empty-files": "every document was empty", "missing": "no such file", "bad-jsonl": "no 'text' field",
-                "no-folder": "does not exist", "bad-tokenizer": "unknown tokenizer",
+                "folder-is-a-file": "is a file", "bad-tokenizer": "unknown tokenizer",
                 "hf-no-dir": "nothing is downloaded"}[case]
     assert expected in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no .bin/.idx, no temp folder

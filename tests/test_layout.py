@@ -148,3 +148,100 @@ def test_record_names_cover_what_the_console_shows():
     from megatron_moe_probe.writers.console import COLUMNS, TIMING_COLUMNS
 
     assert [key for _, key, _ in (*COLUMNS, *TIMING_COLUMNS) if key not in KNOWN_STATS] == []
+
+
+# ---------------------------------------------------------------------------- offline and analysis
+
+def top_level_imports(path: Path) -> set[str]:
+    """What importing `path` imports at once: module-level statements only (not inside functions)."""
+    tree = ast.parse(path.read_text(), str(path))
+    this = module_name(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    out: set[str] = set()
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.If, ast.Try)):  # `if TYPE_CHECKING:` / try-except imports still run
+            todo.extend(node.body + node.orelse + getattr(node, "finalbody", []) +
+                        [s for h in getattr(node, "handlers", []) for s in h.body])
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def _is_heavy_name(name: str) -> bool:
+    return name.split(".")[0] in ("torch", "megatron") or name.startswith(f"{NAME}.megatron.") or \
+        name == f"{NAME}.megatron"
+
+
+def heavy_modules() -> set[str]:
+    """Package modules whose import loads torch or Megatron (following module-level imports,
+    parents' __init__ included, through the package)."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    direct = {name: top_level_imports(path) for name, path in files.items()}
+
+    def parents(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in files]
+
+    heavy = {name for name, deps in direct.items() if any(_is_heavy_name(d) for d in deps)}
+    changed = True
+    while changed:
+        changed = False
+        for name, deps in direct.items():
+            if name in heavy:
+                continue
+            reached = {d for d in deps if d in files} | {p for d in deps if d in files for p in parents(d)}
+            if reached & heavy or set(parents(name)) & heavy:
+                heavy.add(name)
+                changed = True
+    return heavy
+
+
+def test_heavy_modules_finds_torch_users():
+    heavy = heavy_modules()
+    assert f"{NAME}.stats" in heavy and f"{NAME}.summarize" in heavy and f"{NAME}.megatron.hooks" in heavy
+    assert f"{NAME}.record" not in heavy and f"{NAME}.offline.compare" not in heavy
+
+
+def test_offline_imports_no_torch_and_nothing_of_megatron():
+    """docs/architecture.md: offline/ reads runs without torch or Megatron. Every import of an
+    offline module, inside functions included, must be of a module whose import loads neither."""
+    heavy = heavy_modules()
+    bad = {}
+    for path in (PACKAGE / "offline").rglob("*.py"):
+        hits = sorted(m for m in imports_of(path) if _is_heavy_name(m) or m in heavy)
+        if hits:
+            bad[module_name(path)] = hits
+    assert bad == {}
+
+
+def test_analysis_imports_nothing_of_megatron():
+    bad = {}
+    for path in (PACKAGE / "analysis").rglob("*.py"):
+        hits = sorted(m for m in imports_of(path) if m.split(".")[0] == "megatron" or m == f"{NAME}.megatron"
+                      or m.startswith(f"{NAME}.megatron."))
+        if hits:
+            bad[module_name(path)] = hits
+    assert bad == {}
+
+
+def test_record_and_offline_import_without_torch():
+    """The same rule, measured: importing them in a fresh interpreter loads no torch."""
+    import subprocess
+    import sys
+
+    modules = ["megatron_moe_probe.record", *sorted(module_name(p) for p in (PACKAGE / "offline").rglob("*.py"))]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+            "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

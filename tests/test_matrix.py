@@ -3,18 +3,17 @@
 import json
 import statistics
 import subprocess
-import sys
 
 import numpy
 import pytest
 import torch
 
+from helpers import cli, cli_popen
 from megatron_moe_probe.offline.matrix import repeat_spread
 
 
 def _matrix(*argv, timeout=900):
-    return subprocess.run([sys.executable, "-m", "megatron_moe_probe.cli", "matrix", *argv],
-                          capture_output=True, text=True, timeout=timeout)
+    return cli("matrix", *argv, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +162,8 @@ def test_sigterm_to_the_matrix_stops_the_running_cell_and_records_it(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_moe_probe.cli", "matrix", "--demo", "--ep", "2",
-                             "--dispatcher", "alltoall", "--iters", "1000", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = cli_popen("matrix", "--demo", "--ep", "2", "--dispatcher", "alltoall", "--iters", "1000",
+                     "--out", tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     manifest = tmp_path / "matrix.json"
     deadline = time.monotonic() + 60
     cell = {}

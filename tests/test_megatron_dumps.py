@@ -10,7 +10,7 @@ import torch
 import dump_jobs
 from megatron_moe_probe import cli, stats
 from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
-from megatron_moe_probe.offline import megatron_dumps
+from megatron_moe_probe import megatron_dumps
 from megatron_moe_probe.record import load_run
 
 CFG = TinyMoEConfig()

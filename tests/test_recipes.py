@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
+from helpers import cli_in_process
 from megatron_moe_probe import recipes
-from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import assumed
 from megatron_moe_probe.selection.card import default_card
@@ -184,9 +184,7 @@ def test_error_unknown_recipe_and_variant():
 # --- render CLI -------------------------------------------------------------------------------
 
 def render_cli(capsys, *argv):
-    rc = cli_main(["render", *argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+    return cli_in_process(capsys, "render", *argv)
 
 
 def test_render_cli_json(capsys):

@@ -111,10 +111,10 @@ def drift_section(window: RunWindow, windows: int = 4) -> dict:
 
 
 def _batch_setting(window: RunWindow) -> dict:
-    args = window.meta.get("args") or {}
     mbs = window.setting("micro_batch_size")
     seq = window.setting("seq_length")
-    gbs = args.get("global_batch_size")
+    gbs = window.setting("global_batch_size")
+    gbs = gbs and gbs[0]
     return {"micro_batch_size": mbs and mbs[0], "global_batch_size": gbs, "seq_length": seq and seq[0]}
 
 

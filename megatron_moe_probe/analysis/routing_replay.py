@@ -154,7 +154,7 @@ def traffic_rows(rmap: torch.Tensor, ep: int) -> dict[str, list[int]]:
 def load_source(path: str | Path, layers: list[int] | None = None):
     """A RunWindow over a run folder or a Megatron dump (dumps one iteration per record)."""
     from megatron_moe_probe.analysis.runs import RunWindow, load_window
-    from megatron_moe_probe.offline import megatron_dumps
+    from megatron_moe_probe import megatron_dumps
 
     path = Path(path)
     if not path.exists():

@@ -14,6 +14,8 @@ from megatron_moe_probe import stats
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record import IntervalReport
 from megatron_moe_probe.record import load_arrays, load_run
+from megatron_moe_probe.record.names import step_summary_name
+from megatron_moe_probe.record.run_meta import settings_of
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class RunWindow:
         the records lack it."""
         out = []
         for i in self._layer_positions():
-            pairs = [(r.steps, r.per_layer[i].get(f"{stat}_step_mean", math.nan)) for r in self.reports]
+            pairs = [(r.steps, r.per_layer[i].get(step_summary_name(stat, "step_mean"), math.nan)) for r in self.reports]
             pairs = [(n, v) for n, v in pairs if v is not None and not math.isnan(v)]
             weight = sum(n for n, _ in pairs)
             out.append(sum(n * v for n, v in pairs) / weight if weight else math.nan)
@@ -121,7 +123,7 @@ class RunWindow:
                 return int(value), "run records"
         if name == "bytes_per_element":
             return _activation_bytes(self.meta)
-        return _meta_setting(self.meta, *SETTINGS[name])
+        return _meta_setting(self.meta, name)
 
 
 # Per-layer statistics compared between layers and runs (all from stats.py).
@@ -137,53 +139,25 @@ def layer_imbalance(window: RunWindow) -> dict[str, dict[str, list[float]]]:
             for name in IMBALANCE_STATS}
 
 
-# name -> (key in meta["args"] (Megatron's arguments), key in meta["model"] (the demo's model
-# config), flag in meta["command"] (the launch command line))
-SETTINGS: dict[str, tuple[str, str | None, str]] = {
-    "hidden_size": ("hidden_size", "hidden_size", "--hidden-size"),
-    "topk": ("moe_router_topk", "topk", "--moe-router-topk"),
-    "micro_batch_size": ("micro_batch_size", "micro_batch_size", "--micro-batch-size"),
-    "seq_length": ("seq_length", "seq_length", "--seq-length"),
-    "tensor_parallel": ("tensor_model_parallel_size", "tp", "--tensor-model-parallel-size"),
-    "context_parallel": ("context_parallel_size", None, "--context-parallel-size"),
-    "gpus_per_node": ("moe_probe_gpus_per_node", None, "--moe-probe-gpus-per-node"),
-}
+# Model settings the analyses look up: fields of the run's typed settings (record/run_meta.py).
+SETTINGS = ("hidden_size", "topk", "micro_batch_size", "global_batch_size", "seq_length", "tensor_parallel",
+            "context_parallel", "gpus_per_node")
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def _command_flag(command: list[str], flag: str) -> str | None:
-    """Value of the last occurrence of `flag` (argparse keeps the last one)."""
-    value = None
-    for i, item in enumerate(command):
-        if item == flag and i + 1 < len(command):
-            value = command[i + 1]
-        elif item.startswith(flag + "="):
-            value = item.split("=", 1)[1]
-    return value
-
-
-def _meta_setting(meta: dict[str, Any], arg_key: str, model_key: str | None, flag: str) -> tuple[int, str] | None:
-    args, model = meta.get("args") or {}, meta.get("model") or {}
-    if args.get(arg_key) is not None:
-        return int(args[arg_key]), f"meta args.{arg_key}"
-    if model_key and model.get(model_key) is not None:
-        return int(model[model_key]), f"meta model.{model_key}"
-    value = _command_flag(meta.get("command") or [], flag)
-    if value is not None:
-        return int(value), f"meta command {flag}"
-    return None
+def _meta_setting(meta: dict[str, Any], name: str) -> tuple[int, str] | None:
+    settings, sources = settings_of(meta)
+    value = getattr(settings, name)
+    return None if value is None else (int(value), sources.get(name, "meta settings"))
 
 
 def _activation_bytes(meta: dict[str, Any]) -> tuple[int, str] | None:
     """Bytes per activation element the dispatcher moves: 2 with --bf16/--fp16, 4 when the
     recorded configuration has neither (Megatron then trains in fp32), None if unknown."""
-    args, command = meta.get("args") or {}, meta.get("command") or []
-    if args.get("bf16") or args.get("fp16"):
-        return 2, "meta args bf16/fp16"
-    if "--bf16" in command or "--fp16" in command:
-        return 2, "meta command --bf16/--fp16"
-    if args or meta.get("model"):
-        return 4, "meta: no bf16/fp16, fp32"
-    return None
+    settings, sources = settings_of(meta)
+    if settings.precision is None:
+        return None
+    return _BYTES[settings.precision], sources.get("precision", "meta settings")
 
 
 def parse_steps(text: str | None) -> tuple[int | None, int | None]:
@@ -205,7 +179,7 @@ def load_window(path: str | Path, steps: str | None = None, layers: list[int] | 
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"not a run folder: {path}")
-    from megatron_moe_probe.offline import megatron_dumps
+    from megatron_moe_probe import megatron_dumps
 
     # A folder of Megatron's own dumps (RouterTracer, tokens per expert) reads as a run too.
     meta, reports = megatron_dumps.load_if_dump(path) or load_run(path)

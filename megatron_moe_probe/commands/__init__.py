@@ -61,8 +61,75 @@ def output_file(path: str | None, flag: str, suffix: str | None = None):
 
 
 def int_list(text: str) -> list[int]:
-    """argparse type for `--x 2,4,8`."""
+    """argparse type for `--x 2,4,8` (each within +-MAX_FLAG_INT)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+    if any(abs(v) > MAX_FLAG_INT for v in values):
+        raise argparse.ArgumentTypeError(f"want integers of at most {MAX_FLAG_INT}, got {text}")
+    return values
+
+
+# Largest value a count-like flag takes (EP degree, experts, hidden size, interval, ...): far
+# above any real model, far below what overflows the int64 tensors the analyses build.
+MAX_FLAG_INT = 1 << 31
+
+
+def bounded_int(low: int = 1, high: int = MAX_FLAG_INT):
+    """argparse type: an integer in [low, high], else one line naming the bounds."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"want an integer from {low} to {high}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+
+def save_figure(fig, path) -> None:
+    """A matplotlib figure as PNG at exactly `path`, whole or not at all (temp file + rename:
+    a full disk leaves no 0-byte or half image behind)."""
+    from megatron_moe_probe.record import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def any_int(text: str) -> int:
+    """argparse type that every plain `type=int` flag gets (cli.py): an integer within
+    +-MAX_FLAG_INT, so that no flag reaches a tensor or a C library as an overflow."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want an integer, got {text!r}") from None
+    if abs(value) > MAX_FLAG_INT:
+        raise argparse.ArgumentTypeError(f"want an integer of at most {MAX_FLAG_INT}, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type that every plain `type=float` flag gets (cli.py): a finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number, got {text!r}") from None
+    if not math.isfinite(value) or abs(value) > 1e15:
+        raise argparse.ArgumentTypeError(f"want a finite number of at most 1e15, got {text}")
+    return value
+
+
+def bound_numeric_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every `type=int` / `type=float` flag of a command its bounded form (see any_int)."""
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps them here, groups included
+        if action.type is int:
+            action.type = any_int
+        elif action.type is float:
+            action.type = finite_float

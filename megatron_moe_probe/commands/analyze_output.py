@@ -8,6 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from megatron_moe_probe.commands import save_figure
 from megatron_moe_probe.analysis.placement import STRATEGIES
 from megatron_moe_probe.values import format_or_dash as _fmt
 from megatron_moe_probe.values import nan_median
@@ -276,7 +277,7 @@ def plot(result: dict, path: Path) -> None:
         axes[2].set_xticks(layers, [str(n) for n in layers])
         axes[2].set(xlabel="layer", ylabel=f"Gini ({basis})", title="routing Gini by run")
         axes[2].legend(fontsize="small")
-    fig.savefig(path, dpi=110, format="png")  # exactly `path`, whatever its name ends in
+    save_figure(fig, path)  # exactly `path`, whatever its name ends in
 
 
 def plot_questions(result: dict, folder: Path) -> list[Path]:
@@ -292,7 +293,7 @@ def plot_questions(result: dict, folder: Path) -> list[Path]:
 
     def save(fig, name):
         path = folder / f"{name}.png"
-        fig.savefig(path, dpi=110, format="png")
+        save_figure(fig, path)
         written.append(path)
 
     data = result.get("domains")

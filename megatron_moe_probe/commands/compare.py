@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_moe_probe.commands import output_file, print_json
+from megatron_moe_probe.commands import output_file, print_json, save_figure
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.offline.compare import compare
 from megatron_moe_probe.values import format_or_dash as _fmt
@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if args.wandb_timeout < 1:
         raise UsageError(f"--wandb-timeout {args.wandb_timeout}: must be at least 1 second")
     plot = output_file(args.plot, "--plot", ".png")  # checked before any run is read
-    rows = compare(args.runs, parse_log_options(args.log), args.warmup, args.wandb_timeout)
+    from megatron_moe_probe.megatron_dumps import load_run_or_dump
+
+    rows = compare(args.runs, parse_log_options(args.log), args.warmup, args.wandb_timeout, load_run=load_run_or_dump)
     warn_about_warmup(rows)
     if args.json:
         print_json(rows)
@@ -130,4 +132,4 @@ def plot_runs(rows: list[dict], path: Path) -> None:
         fig.legend(loc="outside right upper", fontsize="small")  # beside the axes: no line hidden under it
     else:
         ax.legend()
-    fig.savefig(path, dpi=110, format="png")  # exactly `path`, whatever its name ends in
+    save_figure(fig, path)  # exactly `path`, whatever its name ends in

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_moe_probe.commands import save_figure
 from megatron_moe_probe.cpu import demo
 from megatron_moe_probe.cpu.demo import DATA_SOURCES, DISPATCHERS, RANKS
 
@@ -141,5 +142,5 @@ def plot_run(out: Path, reports) -> Path | None:
             yticks=range(len(last.layers)), yticklabels=[str(n) for n in last.layers])
     fig.colorbar(image, ax=ax3)
     path = out / demo.PLOT
-    fig.savefig(path, dpi=110, format="png")
+    save_figure(fig, path)
     return path

@@ -9,7 +9,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from megatron_moe_probe.commands import args_after_dashdash
+from megatron_moe_probe.commands import args_after_dashdash, save_figure
 from megatron_moe_probe.commands.compare import plot_runs, print_table
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.offline import matrix
@@ -132,22 +132,43 @@ def run(args: argparse.Namespace) -> int:
     if waiting := [c.name for c in cells if _placeholders(c)]:
         raise UsageError(f"cell {waiting[0]} spans several nodes: give --node-rank and --master-addr (and run the same "
                          "matrix command on every node), or --sbatch DIR for Slurm; --dry-run prints the commands")
-    matrix.check_out_folder(out, cells)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {out}: {exc.strerror or exc}") from None
+    from megatron_moe_probe.record import lock_run_folder, release_lock
+
+    # Several nodes run the same matrix command: node 0 owns OUT (lock, check, manifest); the other
+    # nodes only launch their part of each cell.
+    lead = args.node_rank in (None, 0)
+    try:
+        if lead:
+            lock_run_folder(out)  # one matrix per folder at a time, taken before the check it guards
+            matrix.check_out_folder(out, cells)
+    except BaseException:
+        release_lock(out)
+        if created:
+            out.rmdir()
+        raise
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()  # the terminal's width, 80 in a log (or $COLUMNS)
     argv = sys.argv[1:]
+
+    def save() -> None:  # matrix.json is node 0's
+        if lead:
+            matrix.save_manifest(out, cells, argv)
+
     todo = matrix.mark_finished(cells, out, args.rerun)
     if len(todo) < len(cells):
         console.print(f"{len(cells) - len(todo)} of {len(cells)} cells already finished in {out / MANIFEST}; "
                       f"training {len(todo)} (--rerun trains all)")
-    matrix.save_manifest(out, cells, argv)
+    save()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("matrix", total=len(todo))
@@ -155,12 +176,12 @@ def run(args: argparse.Namespace) -> int:
         for i, cell in enumerate(todo, 1):
             progress.update(task, description=f"training {cell.name}")
             try:
-                matrix.run_cell(cell, out, args.cell_timeout, started=lambda: matrix.save_manifest(out, cells, argv))
+                matrix.run_cell(cell, out, args.cell_timeout, started=save)
             except (KeyboardInterrupt, Stopped) as exc:
-                matrix.save_manifest(out, cells, argv)
+                save()
                 console.print(f"[yellow]interrupted in {cell.name}; run the same command again to resume[/]")
                 return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
-            matrix.save_manifest(out, cells, argv)
+            save()
             mark = "[green]ok[/]" if cell.status == "ok" else f"[red]{cell.status}[/] (exit {cell.exit_code})"
             progress.console.print(f"[{i}/{len(todo)}] {cell.name}: {mark} in {cell.seconds:.0f} s")
             progress.advance(task)
@@ -261,7 +282,7 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
         if key in ("max_over_mean", "receiver_skew"):
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="balanced (1.0)")
     fig.suptitle("matrix: median per cell, bars = min-max over repeats")
-    fig.savefig(path, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def _print_spread(spread: list[dict], console) -> None:

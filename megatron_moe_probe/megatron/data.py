@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import numpy
 
+from megatron_moe_probe.dataset_files import require_dataset  # noqa: F401 - its home before; callers import it here
 from megatron_moe_probe.errors import UsageError
 
 BYTE_VOCAB = 257          # 256 byte values + EOD
@@ -42,13 +43,6 @@ class Tokenizer:
     eod: int
     vocab_size: int
     train_args: list[str]
-
-
-def require_dataset(prefix: str, flag: str, hint: str) -> None:
-    """A clear UsageError unless PREFIX.bin and PREFIX.idx both exist (Megatron's own error comes
-    only after the workers have started)."""
-    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-        raise UsageError(f"{flag} {prefix}: no {prefix}.bin / {prefix}.idx ({hint})")
 
 
 def byte_tokenizer() -> Tokenizer:

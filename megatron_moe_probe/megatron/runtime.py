@@ -58,22 +58,5 @@ def layer_runtime(layers: Iterable[tuple[int, Any]]) -> list[dict[str, Any]]:
     return [{"layer": int(n), **dispatcher_runtime(d)} for n, d in layers]
 
 
-def backends_that_ran(records: list[dict[str, Any]]) -> list[str]:
-    """The distinct backends the records show ('unknown:<class>' where the class is not known)."""
-    seen = []
-    for r in records:
-        b = r.get("backend") or f"unknown:{r.get('flex_manager') or r.get('dispatcher_class')}"
-        if b not in seen:
-            seen.append(b)
-    return seen
-
-
-def requested_backend(meta: dict[str, Any]) -> str | None:
-    """The backend a run asked for, from its meta.json: Megatron's args, else the meta's dispatcher."""
-    args = meta.get("args") or {}
-    kind = args.get("moe_token_dispatcher_type") or meta.get("dispatcher")
-    if isinstance(kind, list):
-        kind = kind[0] if len(kind) == 1 else None
-    if kind == "flex":
-        return args.get("moe_flex_dispatcher_backend")
-    return kind
+# Read back from meta.json and records, without torch: they live with the run description.
+from megatron_moe_probe.record.run_meta import backends_that_ran, requested_backend  # noqa: E402,F401

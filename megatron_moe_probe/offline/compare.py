@@ -22,6 +22,7 @@ its performance numbers move out of the comparison (`not_performance_data`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from megatron_moe_probe import record
@@ -43,12 +44,12 @@ def training_log(run: Path, explicit: Path | None = None) -> TrainLog | None:
     return None
 
 
-def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
-    """compare's row for a probe run folder (or a Megatron routing dump), with its runtime proof."""
+def local_run_row(run: Path, log: TrainLog | None, warmup: int, load_run: Callable = record.load_run) -> dict:
+    """compare's row for a probe run folder (or, with `load_run` = megatron_dumps.load_run_or_dump,
+    a Megatron routing dump), with its runtime proof."""
     from megatron_moe_probe.grouping import group_keys
-    from megatron_moe_probe.offline import megatron_dumps
 
-    meta, reports = megatron_dumps.load_if_dump(run) or record.load_run(run)
+    meta, reports = load_run(run)
     keys = group_keys(meta, environ={})
     identity = {**keys, "dispatcher": run_dispatcher(meta) or keys["dispatcher"],
                 "ep": reports[-1].ep_size if reports else keys["ep"], "data": run_data(meta) or keys["data"]}
@@ -58,8 +59,9 @@ def local_run_row(run: Path, log: TrainLog | None, warmup: int) -> dict:
 
 
 def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_timeout: int = 30,
-            parity_groups: list[str] | None = None) -> list[dict]:
-    """One row per run. `loss_delta_vs_first` is each run's final loss minus that of the first run
+            parity_groups: list[str] | None = None, load_run: Callable = record.load_run) -> list[dict]:
+    """One row per run; `load_run` reads a local folder ((meta, reports); the CLI passes one that
+    reads Megatron's dumps too, which needs torch: this module does not). `loss_delta_vs_first` is each run's final loss minus that of the first run
     in its parity group (default: runs on the same data; losses on different data do not compare)."""
     rows = []
     for run in runs:
@@ -67,7 +69,7 @@ def compare(runs: list[str | Path], logs: dict[str, Path], warmup: int, wandb_ti
         if wandb_source.is_wandb_run(run):
             rows.append(wandb_source.wandb_run_row(str(run), explicit, warmup, wandb_timeout))
         elif Path(run).is_dir():
-            rows.append(local_run_row(Path(run), training_log(Path(run), explicit), warmup))
+            rows.append(local_run_row(Path(run), training_log(Path(run), explicit), warmup, load_run))
         else:
             raise UsageError(f"not a run folder: {run} (give a probe run folder, a wandb run folder "
                              "or wandb:ENTITY/PROJECT/RUN_ID)")

@@ -97,7 +97,7 @@ def recipe_cells(out: Path, targets: list[str], data: list[str], iters: int | No
     the printed commands then run on every node as they are, with those variables set)."""
     from megatron_moe_probe.torchrun import MASTER_ADDR_VAR, NODE_RANK_VAR
     from megatron_moe_probe import recipes
-    from megatron_moe_probe.megatron.data import require_dataset
+    from megatron_moe_probe.dataset_files import require_dataset
 
     if not targets:
         raise UsageError("name recipes to train (moe-probe render --list), or give --demo")
@@ -187,9 +187,11 @@ def load_manifest(out: Path) -> dict:
     path = out / MANIFEST
     if not path.is_file():
         return {}
+    from megatron_moe_probe.offline.manifest import parse_manifest
+
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return parse_manifest(json.loads(path.read_text(encoding="utf-8")), path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is not valid JSON; move it away to start this matrix afresh") from None
 
 

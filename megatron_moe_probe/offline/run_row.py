@@ -8,15 +8,12 @@ come out of `comparison_row` alike; this module knows no source.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.megatron.runtime import backends_that_ran, requested_backend
-from megatron_moe_probe.record import TIMING_STATS
+from megatron_moe_probe.record.names import COMPARE_STATS as STATS
+from megatron_moe_probe.record.names import TIMING_STATS
+from megatron_moe_probe.record.run_meta import backends_that_ran, requested_backend, settings_of
 from megatron_moe_probe.values import nan_median
-
-STATS = ("max_over_mean", "max_over_mean_step_worst", "gini", "rank_max_over_mean", "receiver_skew",
-         "inter_node_fraction", *TIMING_STATS)
 
 
 def run_dispatcher(meta: dict):
@@ -27,25 +24,11 @@ def run_dispatcher(meta: dict):
 
 def run_data(meta: dict):
     """What a run trained on, for the data column and loss parity: the probe meta's `data` (the
-    demo's text/mock/random), else Megatron's --mock-data or --data-path (folder names), else None."""
+    demo's text/mock/random), else Megatron's --mock-data or --data-path (folder names), else None
+    (the run's typed settings, record/run_meta.py)."""
     if meta.get("data") is not None:
         return meta["data"]
-    args = meta.get("args") or {}
-    command = [str(c) for c in meta.get("command") or []]
-    if args.get("mock_data") or "--mock-data" in command:
-        return "mock"
-    paths = args.get("data_path")
-    if not paths and "--data-path" in command:
-        paths = []
-        for c in command[command.index("--data-path") + 1:]:
-            if c.startswith("--"):
-                break
-            paths.append(c)
-    if paths:
-        names = [Path(str(p)).name for p in (paths if isinstance(paths, list) else [paths])
-                 if not str(p).replace(".", "").isdigit()]  # weights of a blend are numbers
-        return ",".join(names) or None
-    return None
+    return settings_of(meta)[0].data
 
 
 def comparison_row(run: str, identity: dict, intervals: list[tuple[int, dict[int, dict]]], log, warmup: int) -> dict:

@@ -201,14 +201,15 @@ def intervals_and_log(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, dict[
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     """dispatcher, ep, data and the other grouping keys (grouping.py) of a run from its wandb config."""
     from megatron_moe_probe.grouping import group_keys
+    from megatron_moe_probe.record.run_meta import settings_of
 
     probe = config.get("moe_probe") or {}
-    args = probe.get("args") or {}
     keys = group_keys(probe, environ={})  # moe_probe.group, as the writer resolved it
+    settings, _ = settings_of(probe)
     return {
         **keys,
         "dispatcher": run_dispatcher(probe) or config.get("moe_token_dispatcher_type") or keys["dispatcher"],
-        "ep": args.get("expert_model_parallel_size") or config.get("expert_model_parallel_size") or keys["ep"],
+        "ep": settings.expert_parallel or config.get("expert_model_parallel_size") or keys["ep"],
         "data": probe.get("data") or keys["data"],
     }
 

@@ -553,9 +553,11 @@ def normalize_name(s: str) -> str:
 
 
 def format_validation_error(exc: ValidationError, what: str, models: dict[tuple, type[BaseModel]] | None = None) -> str:
-    """One line per error: the dotted field path, the message, the allowed values when known."""
-    lines = [f"{what}: {exc.error_count()} problem(s)"]
-    for err in exc.errors():
+    """One line: the first problem (a misspelled field first: it explains the others) with its dotted
+    field path, the message and the allowed values when known, then the other fields named."""
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    parts = []
+    for err in errors:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden" and models is not None:
@@ -566,8 +568,11 @@ def format_validation_error(exc: ValidationError, what: str, models: dict[tuple,
         got = err.get("input")
         if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):
             msg += f" (got {got!r})"
-        lines.append(f"  field '{loc}': {msg}")
-    return "\n".join(lines)
+        parts.append((loc, msg))
+    first_loc, first_msg = parts[0]
+    rest = f"; {len(parts) - 1} more: " + ", ".join(f"'{loc}'" for loc, _ in parts[1:6]) + \
+        (" ..." if len(parts) > 6 else "") if len(parts) > 1 else ""
+    return f"{what}: field '{first_loc}': {first_msg}{rest}"
 
 
 def load_card(path: Path | str | None = None) -> Card:

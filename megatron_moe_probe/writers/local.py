@@ -1,4 +1,8 @@
-"""The local writer: every IntervalReport of a run into its run folder (record.py has the format).
+"""The local writer: every IntervalReport of a run into its run folder (record/ has the format).
+
+It is the folder's one writer: opening it takes the folder's lock (record/lock.py; a second
+live writer is refused naming the holder, one the command or `training_run_folder` already
+took is shared), closing it releases the lock.
 
 fsync is done at close only: an fsync per interval costs milliseconds to seconds on the
 network filesystems training clusters use, and it only adds protection against the whole
@@ -18,13 +22,21 @@ from megatron_moe_probe.record import IntervalReport
 
 
 class LocalWriter:
-    """Writes a run folder (see record.py)."""
+    """Writes a run folder (see record/)."""
 
     name = "local"
 
     def __init__(self, out_dir: str | os.PathLike[str], *, parquet_every: int = 0) -> None:
         self.dir = Path(out_dir)
-        self._file = record.open_for_append(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record.lock_run_folder(self.dir)  # before the first byte (RunFolderBusy when another run writes it)
+        try:
+            if not (self.dir / record.META_FILE).exists():
+                record.write_meta(self.dir, {})  # meta first: readers refuse records without meta.json
+            self._file = record.open_for_append(self.dir)
+        except BaseException:
+            record.release_lock(self.dir)
+            raise
         self.intervals_path = self.dir / record.INTERVALS_FILE
         self.parquet_every = parquet_every
         self._count = 0
@@ -46,8 +58,11 @@ class LocalWriter:
             return
         f, self._file = self._file, None
         try:
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+            record.write_layer_table(self.dir)
         finally:
-            f.close()
-        record.write_layer_table(self.dir)
+            record.release_lock(self.dir)

@@ -1,6 +1,8 @@
 """Run metadata for the writers: args, versions, hardware, dispatcher.
 
-`collect_run_meta` gathers what a comparison between runs needs to know. It does
+`collect_run_meta` gathers what a comparison between runs needs to know, as the typed run
+description (record/run_meta.RunMeta): the framework's own arguments (Megatron's namespace,
+Bridge's config as a dict) become its typed `settings` here, at write time. It does
 not import torch or Megatron itself: it reports torch's devices only when torch is
 already imported by the caller (the training process), and versions from the
 installed distributions' metadata.
@@ -8,6 +10,7 @@ installed distributions' metadata.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
@@ -16,7 +19,10 @@ import time
 from typing import Any
 
 from megatron_moe_probe.record import to_json_safe
+from megatron_moe_probe.record.run_meta import MetaError, validate_meta, with_settings
 from megatron_moe_probe.versions import installed_version
+
+log = logging.getLogger("megatron_moe_probe")
 
 _DISTRIBUTIONS = (
     "megatron-moe-probe",
@@ -67,6 +73,7 @@ def collect_run_meta(
     args: Megatron's argparse Namespace (or a dict); stored whole under "args".
     dispatcher: the token dispatcher; defaults to args.moe_token_dispatcher_type.
     extra: merged in at the top level (probe settings, recipe name, ...).
+    The typed `settings` (and `settings_from`) are filled from `args` (RunMeta).
     """
     arg_dict = vars(args) if args is not None and not isinstance(args, dict) else (args or {})
     meta: dict[str, Any] = {
@@ -79,4 +86,9 @@ def collect_run_meta(
     }
     if extra:
         meta.update(to_json_safe(extra))
+    meta = with_settings(meta)
+    try:
+        validate_meta(meta, "run metadata")  # a framework handing over a wrong type is our bug: say so now
+    except MetaError as exc:  # ... but never into the training loop
+        log.warning("moe-probe: %s", exc)
     return meta

@@ -43,7 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
 from megatron_moe_probe.errors import UsageError
+from megatron_moe_probe.record.names import INTERVALS_FILE, MATRIX_STATS
+from megatron_moe_probe.record.problems import describe
+from megatron_moe_probe.record.schema import INT64_MAX, MAX_EXPERTS, MAX_LAYERS
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -52,12 +59,54 @@ TOKENS_PER_EXPERT = "tokens_per_expert"
 _TRACE_FILE = re.compile(r"^router_trace_rank(\d+)\.jsonl$")
 _TPE_FILE = re.compile(r"^rank(\d+)\.jsonl$")
 # Statistics of a report that come from the rank matrix: undefined without one.
-_MATRIX_STATS = ("receiver_skew", "sender_skew", "local_tokens", "intra_node_tokens", "inter_node_tokens",
-                 "inter_node_fraction")
+_MATRIX_STATS = MATRIX_STATS
 
 
 class DumpError(UsageError, ValueError):
     """A dump that cannot be read as it is: truncated, mixed, or not one of the formats."""
+
+
+# ---------------------------------------------------------------------------- typed dump lines
+
+_Iteration = Annotated[StrictInt, Field(ge=0, le=INT64_MAX - 1)]
+_Layer = Annotated[StrictInt, Field(ge=0, le=MAX_LAYERS)]
+_Expert = Annotated[StrictInt, Field(ge=0, lt=MAX_EXPERTS)]
+_Count = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+
+
+class _LayerOf(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    layer: _Layer
+    block: StrictStr = "decoder"
+    mtp_idx: Annotated[StrictInt, Field(ge=0, le=MAX_LAYERS)] = 0
+
+
+class TraceHead(_LayerOf):
+    """The small fields of a RouterTracer record (router_trace.py `_flush_records_to_disk`)."""
+
+    step: _Iteration
+    rank: Annotated[StrictInt, Field(ge=0, le=1 << 24)]
+    num_tokens: _Count
+    topk: Annotated[StrictInt, Field(ge=1, le=MAX_EXPERTS)]
+
+
+class TraceRecord(TraceHead):
+    top_indices: list[list[_Expert]]
+
+
+class TpeRecord(_LayerOf):
+    """A tokens-per-expert record (activation_logging.py `save_tpe`): counts per micro-batch."""
+
+    iter: _Iteration
+    tpe: list[list[_Count]]
+
+
+def _parse(model: type[BaseModel], text: str, where: str, what: str) -> BaseModel:
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise DumpError(f"{where}: not a {what} record ({describe(exc)})") from None
 
 
 def _rank_files(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
@@ -73,7 +122,7 @@ def detect(path: str | Path) -> tuple[str, Path] | None:
     """(format, folder holding the rank files) if `path` is one of Megatron's dumps, else None.
     A folder holding both kinds is refused: they would be two runs' worth of counts."""
     path = Path(path)
-    if not path.is_dir() or (path / "intervals.jsonl").exists():
+    if not path.is_dir() or (path / INTERVALS_FILE).exists():
         return None
     trace = _rank_files(path, _TRACE_FILE)
     tpe_dir = path / "tokens_per_expert" if (path / "tokens_per_expert").is_dir() else path
@@ -98,13 +147,14 @@ class ImportOptions:
     gpus_per_node: int = 8
     ranks: list[int] | None = None  # import only these ranks (one pipeline stage)
     drop_incomplete: bool = False  # drop a cut-short last line and steps some rank lacks, instead of failing
+    log_notes: bool = True  # notes as warnings (analyze / compare of a dump); `import` prints them itself
 
 
 def _lines(path: Path, drop_incomplete: bool) -> Iterator[tuple[int, str]]:
     """(line number, text) of every non-empty line; a last line without its newline is a
     record cut short by a killed process."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for number, line in _numbered(f, path):
             if not line.endswith("\n"):
                 if drop_incomplete:
                     log.warning("%s: dropping line %d, cut short (the run stopped while writing it)", path, number)
@@ -113,6 +163,19 @@ def _lines(path: Path, drop_incomplete: bool) -> Iterator[tuple[int, str]]:
                                 "pass --drop-incomplete to drop it and the steps other ranks have but this one lacks")
             if line.strip():
                 yield number, line
+
+
+def _numbered(f, path: Path) -> Iterator[tuple[int, str]]:
+    number = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError as exc:
+            raise DumpError(f"{path}:{number + 1}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not line:
+            return
+        number += 1
+        yield number, line
 
 
 def _cut_short(path: Path) -> bool:
@@ -125,9 +188,9 @@ def _cut_short(path: Path) -> bool:
 
 
 def _layer_key(rec: dict, where: str) -> tuple[str, int, int]:
-    block = rec.get("block", "decoder")
+    block = rec.get("block", "decoder") or "decoder"
     if block == "mtp":
-        return "mtp", int(rec.get("mtp_idx", 0)), int(rec["layer"])
+        return "mtp", int(rec.get("mtp_idx", 0) or 0), int(rec["layer"])
     if block != "decoder":
         raise DumpError(f"{where}: unknown block {block!r}")
     return "decoder", 0, int(rec["layer"])
@@ -164,10 +227,15 @@ def _trace_prefix(line: str, where: str) -> dict:
         head = json.loads(line[:cut].rstrip().rstrip(",") + "}") if cut > 0 else json.loads(line)
     except ValueError as exc:
         raise DumpError(f"{where}: not a RouterTracer record ({exc})") from None
+    if not isinstance(head, dict):
+        raise DumpError(f"{where}: not a RouterTracer record (a JSON {type(head).__name__}, not an object)")
     missing = [k for k in ("step", "layer", "rank", "num_tokens", "topk") if k not in head]
     if missing or cut < 0:
         raise DumpError(f"{where}: not a RouterTracer record (no {', '.join(missing or ['top_indices'])})")
-    return head
+    try:
+        return TraceHead.model_validate(head).model_dump()
+    except ValidationError as exc:
+        raise DumpError(f"{where}: not a RouterTracer record ({describe(exc)})") from None
 
 
 def _trace_num_experts(folder: Path, ranks) -> tuple[int, str] | None:
@@ -177,10 +245,14 @@ def _trace_num_experts(folder: Path, ranks) -> tuple[int, str] | None:
         if path.exists():
             import torch
 
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for value in state.values():
-                if value.get("weight") is not None:
-                    return int(value["weight"].shape[0]), path.name
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                for value in state.values():
+                    if value.get("weight") is not None:
+                        return int(value["weight"].shape[0]), path.name
+            except Exception as exc:  # noqa: BLE001 - torch.load's errors are many; any means a damaged file
+                raise DumpError(f"{path}: not a router state file ({type(exc).__name__}); "
+                                "pass --num-experts, or remove it") from None
     return None
 
 
@@ -243,8 +315,8 @@ def _read_trace(folder: Path, files: dict[int, Path], opts: ImportOptions, ep: i
             current.clear()
 
         for number, line in _lines(path, opts.drop_incomplete):
-            rec = json.loads(line)
             where = f"{path}:{number}"
+            rec = _parse(TraceRecord, line, where, "RouterTracer").model_dump()
             step, key = int(rec["step"]), _layer_key(rec, where)
             if step not in common:
                 continue
@@ -315,11 +387,8 @@ def _read_tpe(folder: Path, files: dict[int, Path], opts: ImportOptions, ep: int
         iters = per_rank_iters.setdefault(rank, set())
         for number, line in _lines(path, opts.drop_incomplete):
             where = f"{path}:{number}"
-            try:
-                rec = json.loads(line)
-                it, tpe = int(rec["iter"]), rec["tpe"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DumpError(f"{where}: not a tokens-per-expert record ({exc})") from None
+            rec = _parse(TpeRecord, line, where, "tokens-per-expert").model_dump()
+            it, tpe = rec["iter"], rec["tpe"]
             if last is not None and it < last:
                 raise DumpError(f"{where}: mixed dump: iteration {it} after {last} (two runs appended to "
                                 "one file? save_tpe appends); keep one run's lines")
@@ -437,11 +506,14 @@ def load_dump(path: str | Path, opts: ImportOptions | None = None) -> tuple[dict
         interval = opts.interval or 10
         matrix = True
     else:
-        first = next(_lines(next(iter(files.values())), True), None)
-        try:
-            local = len(json.loads(first[1])["tpe"][0])
-        except (TypeError, ValueError, KeyError, IndexError):
-            raise DumpError(f"{folder}: rank {min(files)}'s file is empty or not a tokens-per-expert record") from None
+        first_file = next(iter(files.values()))
+        first = next(_lines(first_file, True), None)
+        if first is None:
+            raise DumpError(f"{folder}: rank {min(files)}'s file is empty")
+        rec = _parse(TpeRecord, first[1], f"{first_file}:{first[0]}", "tokens-per-expert")
+        if not rec.tpe or not rec.tpe[0]:
+            raise DumpError(f"{first_file}:{first[0]}: not a tokens-per-expert record (field tpe: no counts)")
+        local = len(rec.tpe[0])
         ep = opts.ep or world
         if world % ep and ep % world:
             raise DumpError(f"--ep {ep} does not fit the {world} ranks recorded")
@@ -467,7 +539,7 @@ def load_dump(path: str | Path, opts: ImportOptions | None = None) -> tuple[dict
                      f"iteration {counts.missing[0][0]}, rank {counts.missing[0][2]}")
     for reason, n in counts.dropped.items():
         notes.append(f"dropped {n} record(s): {reason}")
-    for note in notes:
+    for note in notes if opts.log_notes else ():
         log.warning("%s: %s", path, note)
     args: dict[str, Any] = {"moe_router_topk": topk, "num_experts": num_experts}
     if opts.hidden_size:
@@ -486,3 +558,10 @@ def load_dump(path: str | Path, opts: ImportOptions | None = None) -> tuple[dict
 def load_if_dump(path: str | Path) -> tuple[dict, list] | None:
     """load_dump with the defaults when `path` is a Megatron dump, else None (a run folder)."""
     return load_dump(path) if detect(path) is not None else None
+
+
+def load_run_or_dump(path: str | Path) -> tuple[dict, list]:
+    """(meta, reports) of a run folder, or of a folder of Megatron's own dumps read with the defaults."""
+    from megatron_moe_probe.record import load_run
+
+    return load_if_dump(path) or load_run(path)
