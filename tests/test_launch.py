@@ -161,7 +161,11 @@ def test_train_dry_run_variant_multinode_and_raw_args(capsys):
     assert rc == 0
     assert "--nnodes 2 --node-rank 1 --master-addr node0 --master-port 29500 --nproc-per-node 8" in out
     assert "laid out for 2 GPU(s), launching 16" in out
-    rc, _, err = cli(capsys, "train", "tiny-gpu", "--dry-run", "--nnodes", "2")
+    # Without an address a dry run prints one command per node with placeholders; a real run refuses.
+    rc, out, _ = cli(capsys, "train", "tiny-gpu", "--dry-run", "--nnodes", "2", "--assume-installed", "none")
+    assert rc == 0 and out.count('--master-addr "$MASTER_ADDR"') == 2
+    assert "--node-rank 0 " in out and "--node-rank 1 " in out
+    rc, _, err = cli(capsys, "train", "tiny-gpu", "--nnodes", "2", "--assume-installed", "none")
     assert rc == 2 and "--master-addr" in err
     rc, out, _ = cli(capsys, "train", "--dry-run", "--", *TINY_ARGS)
     assert rc == 0 and "--nproc-per-node 1" in out and out.rstrip().endswith(" ".join(TINY_ARGS))
