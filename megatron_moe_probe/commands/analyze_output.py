@@ -278,20 +278,26 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set(xlabel="EP", ylabel="busiest rank / mean", title="EP what-if (contiguous placement)")
     axes[0].legend(fontsize="small")
 
-    # Bars from 0, so a placement at perfect balance (1.0, the dotted line) is a full bar too; one
-    # colour per strategy, hatched on the test window; the legend below the axes, never on a bar.
+    # Bars start at 1.0 (perfect balance), not 0: the eye compares their heights, and from 0 a
+    # 1.0 vs 1.3 difference is a few percent of the bar. Each bar is labelled with its value, so a
+    # placement at 1.0 (a bar of no height) still shows. One colour per strategy, hatched on
+    # the test window; the legend below the axes, never on a bar.
     data = result["placement"]
     windows = ["fit"] + (["test"] if data["test_window"] else [])
     width = 0.8 / (len(STRATEGIES) * len(windows))
     colours = dict(zip(STRATEGIES, ("tab:gray", "tab:blue", "tab:green")))
+    top = 1.0
     for k, (w, name) in enumerate((w, name) for w in windows for name in STRATEGIES):
-        axes[1].bar([i + k * width for i in range(len(layers))], [row[name][w] for row in data["layers"]], width,
-                    color=colours[name], label=f"{name} ({w})", hatch="//" if w == "test" else None)
-    axes[1].axhline(1.0, color="black", linewidth=0.8, linestyle=":")
-    axes[1].set_ylim(bottom=0)
+        values = [row[name][w] for row in data["layers"]]
+        bars = axes[1].bar([i + k * width for i in range(len(layers))], [v - 1.0 for v in values], width, bottom=1.0,
+                           color=colours[name], label=f"{name} ({w})", hatch="//" if w == "test" else None)
+        axes[1].bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize="x-small", rotation=90, padding=2)
+        top = max([top, *[v for v in values if v == v]])
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylim(1.0, 1.0 + (top - 1.0) * 1.25 + 0.02)
     axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [str(n) for n in layers])
-    axes[1].set(xlabel="layer", ylabel="busiest rank / mean rank (1.0 = balanced)",
-                title=f"expert placement at EP={data['ep']}")
+    axes[1].set(xlabel="layer", ylabel="busiest rank / mean rank",
+                title=f"expert placement at EP={data['ep']}\n(axis from 1.0 = balanced)")
     axes[1].legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18),
                    ncol=len(STRATEGIES), frameon=False)
 
