@@ -51,6 +51,10 @@ def megatron_main():
                     "CI has it beside the repository)")
     digest = hashlib.sha256(open(tarball, "rb").read()).hexdigest()[:12]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "megatron_moe_probe")
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:  # no writable home: the system's temporary folder
+        cache = os.path.join(tempfile.gettempdir(), "megatron_moe_probe_cache")
     target = os.path.join(cache, f"{MEGATRON_MAIN_SNAPSHOT}-{digest}")
     if not os.path.isdir(os.path.join(target, "megatron", "core")):
         os.makedirs(cache, exist_ok=True)
