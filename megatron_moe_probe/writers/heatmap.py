@@ -48,7 +48,7 @@ def heatmap_figure(report: IntervalReport, *, title: str | None = None) -> Any:
     ax.set_yticks(range(num_layers))
     ax.set_yticklabels([str(n) for n in report.layers])
     first = int(report.step) - int(report.steps) + 1
-    ax.set_title(title or f"expert load / layer mean, iterations {first}–{report.step} ({report.steps} steps)")
+    ax.set_title(title or f"expert load / layer mean\niterations {first}–{report.step}", fontsize="medium")
     fig.colorbar(image, ax=ax, label="load / mean (1 = balanced)")
     fig.tight_layout()
     return fig
