@@ -16,7 +16,6 @@ import pytest
 
 from conftest import MEGATRON_MAIN_VERSION
 
-pytestmark = pytest.mark.megatron_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +45,19 @@ def _python(snapshot, code):
     return out.stdout.strip().splitlines()
 
 
+def test_every_interface_is_there_on_the_installed_megatron():
+    pytest.importorskip("megatron.training")
+    from megatron_moe_probe.megatron import quirks
+
+    assert quirks.check_interfaces() == []
+    assert quirks.megatron_version_text() in quirks.CHECKED_AGAINST
+    # A moved interface is named, with what uses it.
+    moved = quirks.check_interfaces([quirks.Interface("megatron.training.training:no_such_step", (), "a test")])
+    assert len(moved) == 1 and "no_such_step" in moved[0] and "a test" in moved[0]
+    assert all(d.versions and d.handled_by for d in quirks.DIFFERENCES)
+
+
+@pytest.mark.megatron_main
 def test_snapshot_is_what_imports_and_every_interface_is_there(megatron_main):
     lines = _python(megatron_main, "\n".join([
         "import megatron.core, megatron.training",
@@ -63,6 +75,7 @@ def test_snapshot_is_what_imports_and_every_interface_is_there(megatron_main):
     assert interfaces == "all interfaces present", interfaces
 
 
+@pytest.mark.megatron_main
 def test_counting_contract_holds_on_megatron_main(megatron_main):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CONTRACT],
                          cwd=REPO, env=_env(megatron_main), capture_output=True, text=True, timeout=900)
