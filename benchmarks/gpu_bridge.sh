@@ -12,8 +12,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 rm -rf /tmp/site/nvidia_resiliency_ext/checkpointing
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi -L | tee "$OUT/gpu.txt"
-timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/bridge_pretrain.py \
-  --out "$OUT/bridge" > "$OUT/bridge.log" 2>&1
+timeout ${TRAIN_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/bridge_pretrain.py \
+  --out "$OUT/bridge" ${BRIDGE_ARGS:-} > "$OUT/bridge.log" 2>&1
 echo "exit $?" | tee -a "$OUT/bridge.log"
 grep -v "^\s*$" "$OUT/bridge.log" | tail -60
 rm -rf "$OUT/bridge/wandb/wandb/"*/files/media 2>/dev/null
