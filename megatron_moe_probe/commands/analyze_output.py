@@ -46,22 +46,28 @@ def _fit_width(table: Table, width: int) -> list[Table]:
     edges = 2  # SIMPLE_HEAD draws an (empty) left and right edge
     if sum(need) + len(need) - 1 + edges <= width or len(columns) < 3:
         return [table, *tail]
-    chunks, used = [[]], need[0] + edges
-    for j in range(1, len(columns)):
+    # The leading left-justified columns name the row (layer, EP and matrix...): every part repeats them.
+    keys = 1
+    while keys < len(columns) - 1 and columns[keys].justify == "left":
+        keys += 1
+    key_width = sum(need[:keys]) + keys - 1 + edges
+    chunks, used = [[]], key_width
+    for j in range(keys, len(columns)):
         if chunks[-1] and used + 1 + need[j] > width:
             chunks.append([])
-            used = need[0] + edges
+            used = key_width
         chunks[-1].append(j)
         used += 1 + need[j]
     parts = []
     for k, chunk in enumerate(chunks):
         part = Table(title=table.title if k == 0 else None, title_justify="left", box=box.SIMPLE_HEAD,
                      padding=0, pad_edge=False)
-        for j in (0, *chunk):
+        shown = [*range(keys), *chunk]
+        for j in shown:
             c = columns[j]
             part.add_column(c.header, justify=c.justify, overflow="fold", min_width=need[j])
         for r in range(table.row_count):
-            part.add_row(*(columns[j]._cells[r] for j in (0, *chunk)))
+            part.add_row(*(columns[j]._cells[r] for j in shown))
         parts.append(part)
     return [*parts, *tail]
 
@@ -167,7 +173,7 @@ def _cost(result: dict, _) -> list:
         headers += ["penalty/iter median", "worst iteration"]
         caption += ("; penalty/iter = each iteration's own dispatch (its worst device), mean over iterations, "
                     "median over layers; worst iteration over all layers")
-    table = _table("All-to-all dispatch per call: balanced vs recorded routing", headers, caption)
+    table = _table("All-to-all dispatch per call: balanced vs recorded routing", headers, caption, left=2)
     layers = result["run"]["layers"]
     for entry in data["by_ep"]:
         rows = entry["layers"]
