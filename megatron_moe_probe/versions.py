@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import os
 from importlib import metadata
 
 
@@ -33,3 +36,29 @@ def installed_version(distribution: str) -> str | None:
     except metadata.PackageNotFoundError:
         return None
 
+
+
+def _package_info_version() -> str | None:
+    """The version in megatron/core/package_info.py of the `megatron` that would import, read as
+    text (importing megatron.core pulls in torch and most of Megatron)."""
+    spec = importlib.util.find_spec("megatron")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "core", "package_info.py")
+        if not os.path.isfile(path):
+            continue
+        parts: dict[str, object] = {}
+        for node in ast.parse(open(path, encoding="utf-8").read()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id in ("MAJOR", "MINOR", "PATCH", "PRE_RELEASE"):
+                        parts[target.id] = node.value.value
+        if {"MAJOR", "MINOR", "PATCH"} <= parts.keys():
+            return f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{parts.get('PRE_RELEASE') or ''}"
+    return None
+
+
+def megatron_core_version() -> str | None:
+    """The version of the Megatron that imports: its package_info.py (a source checkout has no
+    distribution metadata, or a stale one from a wheel installed beside it), else the
+    megatron-core distribution's."""
+    return _package_info_version() or installed_version("megatron-core")

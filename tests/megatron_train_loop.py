@@ -116,14 +116,15 @@ def run_megatron_train(rank: int, world: int, cfg, out_dir: str, train_iters: in
     args.do_train, args.do_valid, args.do_test = True, True, False
 
     from megatron.core import tensor_parallel
-    from megatron.core.rerun_state_machine import RerunMode, initialize_rerun_state_machine
+    from megatron.core.rerun_state_machine import initialize_rerun_state_machine
+
+    from megatron_moe_probe.megatron import quirks
 
     initialize_rerun_state_machine(  # as initialize_megatron does
         state_save_func=lambda: {"rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()},
         state_restore_func=lambda s: tensor_parallel.get_cuda_rng_tracker().set_states(s["rng_tracker_states"]),
-        # 0.19's parser says `report_stats`, its enum `report_determinism_stats`: initialize_megatron
-        # would fail on that mode, so map it here.
-        mode=RerunMode({"report_stats": "report_determinism_stats"}.get(args.rerun_mode, args.rerun_mode)))
+        # The parser says `report_stats`, the enum `report_determinism_stats` (megatron/quirks.py).
+        mode=quirks.rerun_mode(args.rerun_mode))
     parallel_state.initialize_model_parallel(expert_model_parallel_size=cfg.ep, create_gloo_process_groups=True)
     torch.manual_seed(cfg.seed)
     mc_random.model_parallel_cuda_manual_seed(cfg.seed)

@@ -50,6 +50,7 @@ def doc_commands() -> list[tuple[str, str]]:
 def argv_of(command: str, datasets: Path | None = None) -> list[str]:
     command = re.sub(r"\[([^\]]*)\]", r"\1", command)  # optional parts: taken
     argv = [str(PLACEHOLDERS.get(tok, tok)) for tok in shlex.split(command)[1:] if tok != "..."]
+    argv = [str(ROOT / a) if a.startswith("examples/") else a for a in argv]  # the shipped example dumps
     if datasets is not None:
         for prefix in DATASETS:
             argv = [a.replace(prefix, str(datasets / Path(prefix).name)) for a in argv]
@@ -96,7 +97,23 @@ def _runnable(argv: list[str], tmp_path: Path) -> list[str] | None:
             return None  # the user's dataset / an elided raw-args example: parsed above
         head, tail = (argv[:argv.index("--")], argv[argv.index("--"):]) if "--" in argv else (argv, [])
         return [*head, *([] if "--dry-run" in head else ["--dry-run"]), "--assume-installed", "none", *tail]
-    return None  # demo, build-dataset, import: parsed above; run by test_demo / test_faults / their own tests
+    if name == "import":
+        return argv if Path(argv[1]).exists() else None  # the examples/ dumps; --out lands in tmp_path
+    return None  # demo, build-dataset: parsed above; run by test_demo / test_faults / their own tests
+
+
+def test_the_example_dumps_are_documented_and_run():
+    examples = [c for _, c in COMMANDS if "examples/" in c]
+    kinds = {name for c in examples for name in ("router_trace", "tokens_per_expert") if f"examples/{name}" in c}
+    assert kinds == {"router_trace", "tokens_per_expert"}
+    assert {argv_of(c)[0] for c in examples} >= {"analyze", "import"}
+
+
+def test_docs_cite_only_files_that_exist():
+    missing = [(path.name, ref) for path in DOCS
+               for ref in re.findall(r"`(megatron_moe_probe/[\w/]+\.py)`", path.read_text())
+               if not (ROOT / ref).exists()]
+    assert not missing, missing
 
 
 def test_every_documented_command_runs(tmp_path, capsys, monkeypatch):

@@ -53,7 +53,7 @@ class RunWindow:
         interval lacks it."""
         out = []
         for r in self.reports:
-            arrays = load_arrays(self.path, r)
+            arrays = r.arrays or load_arrays(self.path, r)  # in memory for a dump read as a run
             if name not in arrays:
                 return None
             layers = [int(n) for n in arrays["layers"]]

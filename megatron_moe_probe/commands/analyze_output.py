@@ -7,6 +7,7 @@ from pathlib import Path
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from megatron_moe_probe.commands import save_figure
 from megatron_moe_probe.analysis.placement import STRATEGIES
@@ -14,14 +15,62 @@ from megatron_moe_probe.values import format_or_dash as _fmt
 from megatron_moe_probe.values import nan_median
 
 
-def _table(title: str, headers: list[str], caption: str | None = None) -> Table:
-    # One space between columns, headers wrapped at their spaces: the tables fit 80 columns.
+def _table(title: str, headers: list[str], caption: str | None = None, left: int = 1) -> Table:
+    # One space between columns, headers wrapped at their spaces: the tables fit 80 columns
+    # (_fit_width splits one that cannot, rather than break a word).
     table = Table(title=title, caption=caption, caption_justify="left", title_justify="left",
                   box=box.SIMPLE_HEAD, padding=0, pad_edge=False,
                   min_width=min(len(title) + 2, 80))  # the title on one line, within 80 columns
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right", overflow="fold")
+        table.add_column(header, justify="left" if i < left else "right", overflow="fold")
     return table
+
+
+def _cell_width(cell) -> int:
+    return Text.from_markup(cell).cell_len if isinstance(cell, str) else Text(str(cell)).cell_len
+
+
+def _fit_width(table: Table, width: int) -> list[Table]:
+    """The table with every column at least as wide as its longest header word and its widest
+    cell, so that rich wraps headers at spaces only and never folds a word or a number; a table
+    that cannot fit `width` that way is split into parts that repeat the first column (the title
+    on the first part). The caption follows as text, wrapped at `width`, not at the table's."""
+    columns = table.columns
+    caption, table.caption = table.caption, None
+    tail = [caption] if caption else []
+    need = []
+    for column in columns:
+        words = [w for line in str(column.header).splitlines() for w in line.split()] or [""]
+        need.append(max([len(w) for w in words] + [_cell_width(c) for c in column._cells]))
+    for column, n in zip(columns, need):
+        column.min_width = n
+    edges = 2  # SIMPLE_HEAD draws an (empty) left and right edge
+    if sum(need) + len(need) - 1 + edges <= width or len(columns) < 3:
+        return [table, *tail]
+    # The leading left-justified columns name the row (layer, EP and matrix...): every part repeats them.
+    keys = 1
+    while keys < len(columns) - 1 and columns[keys].justify == "left":
+        keys += 1
+    key_width = sum(need[:keys]) + keys - 1 + edges
+    chunks, used = [[]], key_width
+    for j in range(keys, len(columns)):
+        if chunks[-1] and used + 1 + need[j] > width:
+            chunks.append([])
+            used = key_width
+        chunks[-1].append(j)
+        used += 1 + need[j]
+    parts = []
+    for k, chunk in enumerate(chunks):
+        part = Table(title=table.title if k == 0 else None, title_justify="left", box=box.SIMPLE_HEAD,
+                     padding=0, pad_edge=False)
+        shown = [*range(keys), *chunk]
+        for j in shown:
+            c = columns[j]
+            part.add_column(c.header, justify=c.justify, overflow="fold", min_width=need[j])
+        for r in range(table.row_count):
+            part.add_row(*(columns[j]._cells[r] for j in shown))
+        parts.append(part)
+    return [*parts, *tail]
 
 
 def print_result(result: dict, show_mapping: bool = False, console: Console | None = None) -> None:
@@ -33,27 +82,25 @@ def print_result(result: dict, show_mapping: bool = False, console: Console | No
     for section in (_whatif, _matrix_check, _bands, _placement, _replication, _cost, _domains, _cross_domain, _drift,
                     _against, _sweep):
         for item in section(result, show_mapping):
-            console.print(item)
+            for part in _fit_width(item, console.width) if isinstance(item, Table) else [item]:
+                console.print(part)
 
 
 def _whatif(result: dict, _) -> list:
     data, run = result["ep_whatif"], result["run"]
-    headers = ["layer", "expert max/mean"] + [f"EP={s['ep']}" + (" (run)" if s["ep"] == run["ep_size"] else "")
-                                              for s in data["by_ep"]]
+    headers = ["layer", "expert max/mean", "busiest rank / mean rank over"] + [
+        f"EP={s['ep']}" + (" (run)" if s["ep"] == run["ep_size"] else "") for s in data["by_ep"]]
     per_it = data.get("per_iteration")
-    caption = ("mean over iterations of each iteration's own value [worst iteration]; then summed over the window "
-               "(worst single interval)" if per_it else
-               "summed over the window (worst single interval); no per-iteration records")
+    measures = [("window", "the summed window"), ("worst_interval", "its worst interval")]
+    if per_it:
+        measures = [("iteration_mean", "each iteration, mean"), ("worst_iteration", "its worst iteration")] + measures
     table = _table("EP what-if: busiest rank / mean rank, contiguous placement", headers,
-                   caption + "; routing taken as independent of EP")
+                   "routing taken as independent of EP" + ("" if per_it else "; no per-iteration records"), left=1)
+    table.columns[2].justify = "left"
     for i, layer in enumerate(run["layers"]):
-        cells = []
-        for s in data["by_ep"]:
-            cell = f"{_fmt(s['window'][i])} ({_fmt(s['worst_interval'][i])})"
-            if per_it and s.get("iteration_mean") is not None:
-                cell = f"{_fmt(s['iteration_mean'][i])} [{_fmt(s['worst_iteration'][i])}] {cell}"
-            cells.append(cell)
-        table.add_row(str(layer), _fmt(data["per_expert_max_over_mean"][i]), *cells)
+        for m, (key, label) in enumerate(measures):
+            table.add_row(str(layer) if m == 0 else "", _fmt(data["per_expert_max_over_mean"][i]) if m == 0 else "",
+                          label, *[_fmt(s[key][i]) if s.get(key) is not None else "-" for s in data["by_ep"]])
     return [table]
 
 
@@ -91,18 +138,19 @@ def _placement(result: dict, show_mapping: bool) -> list:
     windows = ["fit"] + (["test"] if data["test_window"] else [])
     if data["layers"] and data["layers"][0]["contiguous"].get("test_iteration_mean") is not None:
         windows.append("test_iteration_mean")
-    headers = ["layer"] + [f"{name} {w.replace('test_iteration_mean', 'test/iter')}" for w in windows
-                           for name in STRATEGIES]
+    labels = {"fit": "fit window", "test": "test window", "test_iteration_mean": "test, per iteration"}
     caption = (f"fitted on {data['fit_window']}" + (f", tested on {data['test_window']}" if data["test_window"]
                else " (one interval: nothing to test on)") +
                f"; replicated = {data['replicated']} hottest experts twice, "
                f"+{data['extra_slots_per_rank']} expert slot(s) per rank"
-               + ("; test/iter = mean over the test window's iterations of each iteration's own value"
+               + ("; test, per iteration = mean over the test window's iterations of each iteration's own value"
                   if "test_iteration_mean" in windows else ""))
-    table = _table(f"Expert placement at EP={data['ep']}: busiest rank / mean rank", headers, caption)
+    table = _table(f"Expert placement at EP={data['ep']}: busiest rank / mean rank",
+                   ["layer", "window", *STRATEGIES], caption, left=2)
     lines = []
     for layer, row in zip(result["run"]["layers"], data["layers"]):
-        table.add_row(str(layer), *[_fmt(row[name][w]) for w in windows for name in STRATEGIES])
+        for k, w in enumerate(windows):
+            table.add_row(str(layer) if k == 0 else "", labels[w], *[_fmt(row[name][w]) for name in STRATEGIES])
         if show_mapping:
             for name in STRATEGIES:
                 ranks = " | ".join(",".join(map(str, experts)) for experts in row[name]["mapping"])
@@ -140,7 +188,7 @@ def _cost(result: dict, _) -> list:
         headers += ["penalty/iter median", "worst iteration"]
         caption += ("; penalty/iter = each iteration's own dispatch (its worst device), mean over iterations, "
                     "median over layers; worst iteration over all layers")
-    table = _table("All-to-all dispatch per call: balanced vs recorded routing", headers, caption)
+    table = _table("All-to-all dispatch per call: balanced vs recorded routing", headers, caption, left=2)
     layers = result["run"]["layers"]
     for entry in data["by_ep"]:
         rows = entry["layers"]
@@ -251,20 +299,26 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set(xlabel="EP", ylabel="busiest rank / mean", title="EP what-if (contiguous placement)")
     axes[0].legend(fontsize="small")
 
-    # Bars from 0, so a placement at perfect balance (1.0, the dotted line) is a full bar too; one
-    # colour per strategy, hatched on the test window; the legend below the axes, never on a bar.
+    # Bars start at 1.0 (perfect balance), not 0: the eye compares their heights, and from 0 a
+    # 1.0 vs 1.3 difference is a few percent of the bar. Each bar is labelled with its value, so a
+    # placement at 1.0 (a bar of no height) still shows. One colour per strategy, hatched on
+    # the test window; the legend below the axes, never on a bar.
     data = result["placement"]
     windows = ["fit"] + (["test"] if data["test_window"] else [])
     width = 0.8 / (len(STRATEGIES) * len(windows))
     colours = dict(zip(STRATEGIES, ("tab:gray", "tab:blue", "tab:green")))
+    top = 1.0
     for k, (w, name) in enumerate((w, name) for w in windows for name in STRATEGIES):
-        axes[1].bar([i + k * width for i in range(len(layers))], [row[name][w] for row in data["layers"]], width,
-                    color=colours[name], label=f"{name} ({w})", hatch="//" if w == "test" else None)
-    axes[1].axhline(1.0, color="black", linewidth=0.8, linestyle=":")
-    axes[1].set_ylim(bottom=0)
+        values = [row[name][w] for row in data["layers"]]
+        bars = axes[1].bar([i + k * width for i in range(len(layers))], [v - 1.0 for v in values], width, bottom=1.0,
+                           color=colours[name], label=f"{name} ({w})", hatch="//" if w == "test" else None)
+        axes[1].bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize="x-small", rotation=90, padding=2)
+        top = max([top, *[v for v in values if v == v]])
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylim(1.0, 1.0 + (top - 1.0) * 1.25 + 0.02)
     axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [str(n) for n in layers])
-    axes[1].set(xlabel="layer", ylabel="busiest rank / mean rank (1.0 = balanced)",
-                title=f"expert placement at EP={data['ep']}")
+    axes[1].set(xlabel="layer", ylabel="busiest rank / mean rank",
+                title=f"expert placement at EP={data['ep']}\n(axis from 1.0 = balanced)")
     axes[1].legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18),
                    ncol=len(STRATEGIES), frameon=False)
 

@@ -97,6 +97,12 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
     # Columns no run has (CPU runs log no TFLOP/s or memory, runs without timing no dispatch ms) are left out.
     columns = [c for c in columns if c[1] in ("run", "dispatcher", "status") or any(
         _fmt(row.get(c[1]), c[2]) != "-" for row in rows)]
+    # "ran" (the runtime proof) only where some run ran another backend than it asked for, and
+    # "status" only where some run is not "ok": two runs of the demo fit 80 columns.
+    if all(row.get("ran") in (None, row.get("dispatcher")) for row in rows):
+        columns = [c for c in columns if c[1] != "ran"]
+    if all(row.get("status") == "ok" for row in rows):
+        columns = [c for c in columns if c[1] != "status"]
     headers = [header for header, *_ in columns]
     cells = [[_fmt(dict(row, run=Path(row["run"]).name).get(key), spec) for _, key, spec in columns]
              for row in rows]  # the folder name; --json keeps the path
@@ -115,6 +121,16 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
                           "data, left out of the comparison")
 
 
+LEGEND_KEYS = (("dispatcher", "{}"), ("ep", "EP={}"), ("data", "data={}"), ("ran", "ran {}"))
+
+
+def legend_label(row: dict, rows: list[dict]) -> str:
+    """The run's name, its dispatcher and EP, and every other key that differs between the runs."""
+    parts = [fmt.format(row.get(key)) for key, fmt in LEGEND_KEYS
+             if key in ("dispatcher", "ep") or len({str(r.get(key)) for r in rows}) > 1]
+    return f"{Path(row['run']).name} ({', '.join(parts)})"
+
+
 def plot_runs(rows: list[dict], path: Path) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -122,11 +138,21 @@ def plot_runs(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(9 if len(rows) > 4 else 7, 4), layout="constrained")
     ax = fig.subplots()
     colors = colormaps["tab20" if len(rows) > 10 else "tab10"].colors  # no colour twice up to 20 runs
+    # Runs with the very same line (e.g. alltoall and allgather route alike) would hide each other:
+    # each copy is drawn a little to the side, with its own marker, and the title says so.
+    seen: dict[tuple, int] = {}
+    copies = [0] * len(rows)
     for i, row in enumerate(rows):
-        ax.plot(row["layers"], row["max_over_mean_per_layer"], marker="o", color=colors[i % len(colors)],
-                linestyle=("-", "--", ":")[i // len(colors) % 3],
-                label=f"{Path(row['run']).name} ({row['dispatcher']}, EP={row['ep']})")
-    ax.set(xlabel="layer", ylabel="per-expert max/mean (median over intervals)", title="routing imbalance by run",
+        key = (tuple(row["layers"]), tuple(round(v, 6) for v in row["max_over_mean_per_layer"]))
+        copies[i] = seen[key] = seen.get(key, -1) + 1
+    markers = ("o", "s", "^", "D", "v", "P")
+    for i, row in enumerate(rows):
+        shift = 0.06 * copies[i]
+        ax.plot([n + shift for n in row["layers"]], row["max_over_mean_per_layer"], marker=markers[copies[i] % 6],
+                color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3],
+                label=legend_label(row, rows) + (" (same line, shifted)" if copies[i] else ""))
+    title = "routing imbalance by run" + ("\n(identical lines drawn side by side)" if any(copies) else "")
+    ax.set(xlabel="layer", ylabel="per-expert max/mean (median over intervals)", title=title,
            xticks=sorted({n for row in rows for n in row["layers"]}))
     if len(rows) > 4:
         fig.legend(loc="outside right upper", fontsize="small")  # beside the axes: no line hidden under it

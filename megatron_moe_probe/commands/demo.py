@@ -86,7 +86,7 @@ def final_report(out: Path, console) -> int:
     # One space between columns and two-line headers: it fits an 80-column terminal.
     table = Table(title=f"Routing imbalance per layer, {len(reports)} intervals to iteration {reports[-1].step}",
                   box=box.SIMPLE_HEAD, padding=0, title_justify="left")
-    for col in ("layer", "tokens", "max/mean\nfirst→last", "worst\nstep", "gini", "entropy",
+    for col in ("layer", "tok×topk", "max/mean\nfirst→last", "worst\nstep", "gini", "entropy",
                 "dead", "EP rank\nmax/mean", "sent to\nother rank"):
         table.add_column(col, justify="right", overflow="fold")
     for i, layer in enumerate(reports[-1].layers):
@@ -138,7 +138,8 @@ def plot_run(out: Path, reports) -> Path | None:
     ax1.legend()
     last = reports[-1]
     image = ax3.imshow(last.tokens_per_expert, aspect="auto", cmap="viridis")
-    ax3.set(title=f"tokens per expert, iterations to {last.step}", xlabel="expert", ylabel="layer",
+    first = last.step - last.steps + 1  # the last record holds only its own interval
+    ax3.set(title=f"tok×topk per expert, iterations {first}–{last.step}", xlabel="expert", ylabel="layer",
             yticks=range(len(last.layers)), yticklabels=[str(n) for n in last.layers])
     fig.colorbar(image, ax=ax3)
     path = out / demo.PLOT

@@ -274,13 +274,19 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
         mid = [statistics.median(v) if v else math.nan for v in values]
         low = [m - min(v) if v else 0 for m, v in zip(mid, values)]
         high = [max(v) - m if v else 0 for m, v in zip(mid, values)]
-        ax.bar(x, mid, yerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
-        ax.set_title(label, fontsize="medium")
+        ratio = key in ("max_over_mean", "receiver_skew")
+        # Ratios are >= 1 (1.0 = balanced): their bars start at 1.0, where a 1.0 vs 1.3 difference
+        # is visible (from 0 it is a few percent of the bar); value labels show a bar of no height.
+        base = 1.0 if ratio else 0.0
+        bars = ax.bar(x, [m - base for m in mid], bottom=base, yerr=[low, high], capsize=3, color="tab:blue", alpha=0.8)
+        ax.bar_label(bars, labels=[f"{m:.3g}" for m in mid], fontsize="x-small", padding=2)
+        ax.set_title(label + (" (axis from 1.0 = balanced)" if ratio else ""), fontsize="medium")
         ax.set_ylabel(label, fontsize="small")
         ax.set_xticks(list(x), list(groups), rotation=60, ha="right", fontsize="small")
-        ax.set_ylim(bottom=0)  # bars from 0: a value at the perfect-balance 1.0 is a bar, not nothing
-        if key in ("max_over_mean", "receiver_skew"):
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="balanced (1.0)")
+        finite = [m + h for m, h in zip(mid, high) if m == m]
+        ax.set_ylim(base, max([base + 0.05, *finite]) * 1.08 if ratio else None)
+        if ratio:
+            ax.axhline(1.0, color="black", linewidth=0.8)
     fig.suptitle("matrix: median per cell, bars = min-max over repeats")
     save_figure(fig, path)
 

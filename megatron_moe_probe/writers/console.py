@@ -1,9 +1,12 @@
 """Console writer: a compact per-layer table (rich) printed for every report.
 
-Columns: layer, tokens, max/mean over the interval and its per-step mean and worst,
-gini, cv, entropy, dead experts, per-EP-rank max/mean, receiver skew, inter-node
-share, dropped tokens and share; dispatch/combine milliseconds only when the report
-has them. A statistic the report lacks, or that is NaN, prints as '-'.
+Columns: layer, tok×topk (token-to-expert assignments: each token counts once per expert
+it is routed to, so tokens × top-k), max/mean over the interval and its per-step mean and
+worst, gini, cv, entropy, dead experts, per-EP-rank max/mean, inter-node share, dropped
+tokens and share; dispatch/combine milliseconds only when the report has them. Receiver
+skew (from the rank-to-rank matrix) equals the per-EP-rank max/mean whenever the matrix's
+column sums are the experts' counts, which is the usual case: its column is shown only when
+some layer's two values differ. A statistic the report lacks, or that is NaN, prints as '-'.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def fmt_ms(value: Any) -> str:
 
 # (header, per_layer key, formatter), in display order.
 COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
-    ("tokens", "tokens", fmt_count),
+    ("tok×topk", "tokens", fmt_count),  # assignments, not tokens: see the module docstring
     ("max/\nmean", "max_over_mean", fmt_ratio),
     ("step\nmean", "max_over_mean_step_mean", fmt_ratio),
     ("step\nworst", "max_over_mean_step_worst", fmt_ratio),
@@ -62,10 +65,20 @@ def cell(row: dict[str, Any], key: str, formatter: Callable[[Any], str]) -> str:
     return formatter(value) if _present(value) else MISSING
 
 
+def _same_as_rank_load(report: IntervalReport) -> bool:
+    """receiver_skew equals rank_max_over_mean (to the 3 decimals shown) in every layer."""
+    return all(fmt_ratio(row["receiver_skew"]) == fmt_ratio(row["rank_max_over_mean"])
+               for row in report.per_layer
+               if _present(row.get("receiver_skew")) and _present(row.get("rank_max_over_mean")))
+
+
 def table_columns(report: IntervalReport) -> list[tuple[str, str, Callable[[Any], str]]]:
     """The columns with a value in at least one layer (no capacity factor: no drop columns;
-    no timing: no dispatch/combine ms), so that the table fits an 80-column terminal."""
-    return [c for c in (*COLUMNS, *TIMING_COLUMNS) if any(_present(row.get(c[1])) for row in report.per_layer)]
+    no timing: no dispatch/combine ms), so that the table fits an 80-column terminal; receiver
+    skew only where it differs from the per-rank max/mean."""
+    redundant = {"receiver_skew"} if _same_as_rank_load(report) else set()
+    return [c for c in (*COLUMNS, *TIMING_COLUMNS)
+            if c[1] not in redundant and any(_present(row.get(c[1])) for row in report.per_layer)]
 
 
 def table_rows(report: IntervalReport) -> list[list[str]]:

@@ -47,7 +47,8 @@ def heatmap_figure(report: IntervalReport, *, title: str | None = None) -> Any:
     ax.set_ylabel("layer")
     ax.set_yticks(range(num_layers))
     ax.set_yticklabels([str(n) for n in report.layers])
-    ax.set_title(title or f"tokens per expert / layer mean, step {report.step} ({report.steps} steps)")
+    first = int(report.step) - int(report.steps) + 1
+    ax.set_title(title or f"expert load / layer mean\niterations {first}–{report.step}", fontsize="medium")
     fig.colorbar(image, ax=ax, label="load / mean (1 = balanced)")
     fig.tight_layout()
     return fig

@@ -20,7 +20,7 @@ from typing import Any
 
 from megatron_moe_probe.record import to_json_safe
 from megatron_moe_probe.record.run_meta import MetaError, validate_meta, with_settings
-from megatron_moe_probe.versions import installed_version
+from megatron_moe_probe.versions import installed_version, megatron_core_version
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -40,6 +40,7 @@ _DISTRIBUTIONS = (
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
     out.update((dist, installed_version(dist)) for dist in _DISTRIBUTIONS)
+    out["megatron-core"] = megatron_core_version()  # a checkout on PYTHONPATH, not a wheel beside it
     return out
 
 
