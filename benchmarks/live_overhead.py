@@ -22,9 +22,10 @@ bf16, EP=1 with the alltoall dispatcher, one micro-batch of `--seq` tokens per i
    unsampled cost) / tracer (Megatron's RouterTracer, hooks registered for the window, one
    advance_step per iteration) / tpe (Megatron's tokens-per-expert logging at interval 1: its
    enable / save / disable calls around every iteration, as train_step makes them). Recorders
-   are toggled between windows (hooks removed when off). The median of each window's
-   iterations, then each mode's median over windows, and its ratio to off with a bootstrap
-   95 % CI.
+   are toggled between windows (hooks removed when off); the window order is shuffled each
+   round. The probe's interval is the window, so each probe window holds one flush and, with
+   timing, its sampled iteration(s): the MEAN of each window's iterations keeps both in. Then
+   each mode's median over windows, and its ratio to off with a bootstrap 95 % CI.
    Note: Megatron's tokens-per-expert hook attaches to Transformer Engine's GroupedLinear; on
    the local path there is none, so the tpe window measures its per-iteration hook walk and
    save, not the list append per micro-batch it does with TE.
@@ -178,7 +179,9 @@ def _launches(fn, calls: int) -> dict:
     launches = sum(e.count for e in runtime if e.key.startswith(launch_names))
     memsets = sum(e.count for e in runtime if "Memset" in e.key)
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    gpu_ops = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
     return {"launches_per_call": launches / calls, "memsets_per_call": memsets / calls,
+            "gpu_ops_per_call": gpu_ops / calls,
             "runtime_host_us_per_call": sum(e.cpu_time_total for e in runtime if e.key.startswith(launch_names)
                                             or "Memset" in e.key) / calls,
             "kernels": sorted({e.key[:60] for e in kernels})}
@@ -222,6 +225,30 @@ def hook_part(model, session, tokens_list, calls, blocks) -> tuple[dict, str]:
         res["launches_old"] = _launches(lambda: old_body(router, (x,), output), 200)
         res["launches_new"] = _launches(lambda: new_body(router, (x,), output), 200)
 
+        # The capacity path's device work: old (c195b06: and, two sums, a subtraction, two adds)
+        # against the accumulator's one call now, on the same maps.
+        after = rmap & (torch.rand(rmap.shape, device="cuda") < 0.8)
+        acc = session.accumulator
+        cur = torch.zeros(2, layout.num_experts, dtype=torch.long, device="cuda")
+
+        def old_capacity():
+            kept_map = rmap & after
+            kept = kept_map.sum(0)
+            cur[0].add_(kept)
+            cur[1].add_(rmap.sum(0) - kept)
+
+        if acc._current_dropped is None:  # dropless model: give the accumulator its capacity rows
+            acc._current_dropped = torch.zeros_like(acc._current)
+            acc._current_dropped_rows = list(acc._current_dropped.unbind(0))
+        res["capacity_old"] = _per_call_us(old_capacity, calls, blocks)
+        res["capacity_new"] = _per_call_us(lambda: acc.add_capacity_maps(slot, rmap, after), calls, blocks)
+        res["capacity_launches_old"] = _launches(old_capacity, 200)
+        res["capacity_launches_new"] = _launches(lambda: acc.add_capacity_maps(slot, rmap, after), 200)
+        check2 = torch.zeros(2, layout.num_experts, dtype=torch.long, device="cuda")
+        colsum.add_kept_and_dropped(check2[0], check2[1], rmap, after, acc.use_triton)
+        res["capacity_exact"] = bool(torch.equal(check2[0], (rmap & after).sum(0))
+                                     and torch.equal(check2[1], (rmap & ~after).sum(0)))
+
         def call():
             router(x)
 
@@ -242,6 +269,8 @@ def hook_part(model, session, tokens_list, calls, blocks) -> tuple[dict, str]:
                             + _stack_profile(lambda: new_body(router, (x,), output), 3000))
     session.end_step_without_counting()
     session.accumulator.discard_current()
+    session.accumulator._current_dropped = None  # back to the dropless model's accumulator
+    session.accumulator._current_dropped_rows = []
     session.hooks.resume()
     return out, "\n".join(profiles)
 
@@ -313,30 +342,41 @@ def train_part(model, session, seq: int, rounds: int, window: int, warmup: int) 
     rng = random.Random(0)
     iteration = warmup - warmup % window + window  # windows start on a multiple of `window`
     reports_before = session.reports_written
+    failed = {}
     for r in range(rounds):
-        order = list(MODES)
+        order = [m for m in MODES if m not in failed]
         rng.shuffle(order)
         for mode in order:
-            rec.set(mode)
             times = []
-            for _ in range(window):
-                iteration += 1
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                rec.before(mode)
-                batches.step(model, optimizer)
-                rec.after(mode, iteration, window)
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1000)
-            ms[mode].append(statistics.median(times[1:]))  # the window's first iteration pays the switch
+            try:
+                rec.set(mode)
+                for _ in range(window):
+                    iteration += 1
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    rec.before(mode)
+                    batches.step(model, optimizer)
+                    rec.after(mode, iteration, window)
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) * 1000)
+            except Exception as exc:  # a recorder that fails here is reported, the others go on
+                failed[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                iteration += window - len(times)
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            ms[mode].append(statistics.fmean(times))
     rec.set("off")
-    out = {"windows_per_mode": rounds, "window": window, "median_ms": {m: statistics.median(v) for m, v in ms.items()},
+    ms = {m: v for m, v in ms.items() if v}
+    out = {"failed_modes": failed, "windows_per_mode": {m: len(v) for m, v in ms.items()}, "window": window,
+           "median_ms": {m: statistics.median(v) for m, v in ms.items()},
            "window_medians_ms": ms, "probe_reports": session.reports_written - reports_before,
            "timing_sampled_iterations_last": rec.sampled, "probe_failed": session.accumulator.failed}
     boot = random.Random(1)
     base = ms["off"]
     for mode in MODES[1:]:
-        cur = ms[mode]
+        cur = ms.get(mode)
+        if not cur or not base:
+            continue
         ratio = statistics.median(cur) / statistics.median(base)
         draws = sorted(statistics.median(boot.choices(cur, k=len(cur))) / statistics.median(boot.choices(base, k=len(base)))
                        for _ in range(4000))
@@ -344,13 +384,18 @@ def train_part(model, session, seq: int, rounds: int, window: int, warmup: int) 
     return out
 
 
+def _dump(folder: str, result: dict) -> None:
+    with open(os.path.join(folder, "live_overhead.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--window", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--window", type=int, default=8)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--blocks", type=int, default=9)
@@ -368,13 +413,19 @@ def main(argv=None) -> int:
               "impl": "local (no Transformer Engine), bf16, EP=1, alltoall"}
     parts = opts.parts.split(",")
     if "hook" in parts:
-        result["hook"], profile = hook_part(model, session, [opts.seq, 128], opts.calls, opts.blocks)
-        with open(os.path.join(opts.out, "hook_profile.txt"), "w") as f:
-            f.write(profile)
+        try:
+            result["hook"], profile = hook_part(model, session, [opts.seq, 128], opts.calls, opts.blocks)
+            with open(os.path.join(opts.out, "hook_profile.txt"), "w") as f:
+                f.write(profile)
+        except Exception:
+            import traceback
+
+            result["hook_error"] = traceback.format_exc()
+            print(result["hook_error"], file=sys.stderr)
+        _dump(opts.out, result)
     if "train" in parts:
         result["train"] = train_part(model, session, opts.seq, opts.rounds, opts.window, opts.warmup)
-    with open(os.path.join(opts.out, "live_overhead.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    _dump(opts.out, result)
     print(json.dumps(result, indent=1))
     session.close()
     return 0
