@@ -14,6 +14,7 @@ bf16, EP=1 with the alltoall dispatcher, one micro-batch of `--seq` tokens per i
      and at 128 tokens (host-bound: the GPU is idle and launches never wait);
    - kernel launches per call and the CUDA runtime's own host time per call (torch.profiler),
      so Python time = host time - launch time;
+   - the new hook with the Triton kernel launched through kernel[grid](...) instead of directly;
    - one cProfile stack profile of each hook body (text, top entries);
    - the Triton kernel against the ATen sums on the router's real maps (exactness).
 2. `train`: interleaved windows on one model, each iteration timed with a synchronize on both
@@ -208,7 +209,7 @@ def hook_part(model, session, tokens_list, calls, blocks) -> tuple[dict, str]:
     old = OldHook(layout.num_layer_slots, layout.num_experts)
     new_body = session.hooks._make_hook(session.bindings[0])
     old_body = old.make(slot)
-    out, profiles = {"triton": session.accumulator.use_triton}, []
+    out, profiles = {"triton": session.accumulator.use_triton, "direct_launch": bool(colsum._compiled)}, []
     session.hooks.pause()  # the session's registered hooks off: each variant registers its own
     session.start_step()  # the gate is open, as inside a training iteration
     for tokens in tokens_list:
@@ -222,6 +223,9 @@ def hook_part(model, session, tokens_list, calls, blocks) -> tuple[dict, str]:
         res = {"map_exact": bool(torch.equal(check, rmap.sum(0))), "tokens": tokens}
         res["body_old"] = _per_call_us(lambda: old_body(router, (x,), output), calls, blocks)
         res["body_new"] = _per_call_us(lambda: new_body(router, (x,), output), calls, blocks)
+        colsum.direct_launch = False  # the same kernel through Triton's kernel[grid](...) launch
+        res["body_new_jit_launch"] = _per_call_us(lambda: new_body(router, (x,), output), calls, blocks)
+        colsum.direct_launch = True
         res["launches_old"] = _launches(lambda: old_body(router, (x,), output), 200)
         res["launches_new"] = _launches(lambda: new_body(router, (x,), output), 200)
 

@@ -11,7 +11,14 @@ Integer atomics make the result exact and order-independent.
 
 Without Triton or CUDA (CPU, CI) the ATen pair below gives the same numbers. `prepare()`
 compiles and loads the kernel at attach time, before any CUDA-graph capture, by running it once
-on a tiny map (compilation inside a capture would fail).
+on a small map and checking it against ATen (compilation inside a capture would fail).
+
+The launch: Triton's `kernel[grid](...)` re-derives a specialisation key from every argument on
+every call, which is most of a launch's host time. The kernel is compiled with no
+specialisation at all (every integer and every pointer's alignment left generic), so the one
+compiled binary is valid for any call with the same dtypes; `prepare()` keeps it, and each call
+goes straight to its launcher. Where that direct launch is unavailable or disagrees with ATen,
+the ordinary `kernel[grid](...)` launch is used.
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ BLOCK_T = 64  # rows each program loads per loop turn
 BLOCK_E = 128  # expert columns per program
 
 _kernel = None  # the @triton.jit function, built on first use where Triton and CUDA exist
+_compiled: dict = {}  # TWO_MAPS -> the compiled kernel, launched directly (see the module docstring)
+direct_launch = True  # False: always launch through kernel[grid](...) (benchmarks compare the two)
 
 
 def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["n_tokens"])
+    @triton.jit(do_not_specialize=["n_tokens", "n_experts", "stride_t", "other_stride_t"],
+                do_not_specialize_on_alignment=["map_ptr", "other_ptr", "out_ptr", "out2_ptr"])
     def colsum_add(map_ptr, other_ptr, out_ptr, out2_ptr, n_tokens, n_experts, stride_t, other_stride_t,
                    TWO_MAPS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PROGRAMS: tl.constexpr):
         # out[e] += sum_t map[t, e]; with TWO_MAPS (capacity path: map = before dropping,
@@ -84,11 +94,27 @@ def prepare(device: torch.device) -> bool:
         g = torch.Generator(device="cpu").manual_seed(0)
         probe_map = (torch.rand(70, 5, generator=g) < 0.4).to(device)
         after = probe_map & (torch.rand(70, 5, generator=g) < 0.5).to(device)
-        out = torch.zeros(5, dtype=torch.long, device=device)
-        out2 = torch.zeros(5, dtype=torch.long, device=device)
-        _launch(out, probe_map, None, None)
-        _launch(out2, probe_map, after, out2)  # kept and dropped land in the same buffer: sums to the map's
-        ok = torch.equal(out, probe_map.sum(0)) and torch.equal(out2, probe_map.sum(0))
+        want = probe_map.sum(0)
+        ok = True
+        for direct in (False, True):  # the JIT launch compiles; then the direct launch of that binary
+            if direct:
+                _keep_compiled(probe_map)
+                if not _compiled:
+                    break
+            out = torch.zeros(5, dtype=torch.long, device=device)
+            out2 = torch.zeros(5, dtype=torch.long, device=device)
+            try:
+                _launch(out, probe_map, None, None, direct)
+                _launch(out2, probe_map, after, out2, direct)  # kept and dropped in one buffer: the map's sums
+                good = torch.equal(out, want) and torch.equal(out2, want)
+            except Exception:
+                if not direct:
+                    raise
+                good = False
+            if not good and direct:
+                log.warning("moe-probe: the direct Triton launch disagrees with ATen here; using kernel[grid]")
+                _compiled.clear()
+            ok = ok and (good or direct)
         if not ok:
             log.warning("moe-probe: the Triton column-sum kernel disagrees with ATen here; using ATen")
         return ok
@@ -97,7 +123,24 @@ def prepare(device: torch.device) -> bool:
         return False
 
 
-def _launch(out: torch.Tensor, routing_map: torch.Tensor, after, dropped) -> None:
+def _keep_compiled(probe_map: torch.Tensor) -> None:
+    """The compiled binaries (one per TWO_MAPS) and their launchers, for direct launches."""
+    try:
+        m = probe_map.view(torch.uint8)
+        out = torch.zeros(probe_map.shape[1], dtype=torch.long, device=probe_map.device)
+        for two in (False, True):
+            k = _kernel.warmup(m, m, out, out, m.shape[0], m.shape[1], m.stride(0), m.stride(0), TWO_MAPS=two,
+                               BT=BLOCK_T, BE=BLOCK_E, PROGRAMS=ROW_PROGRAMS, grid=(ROW_PROGRAMS, 1))
+            if hasattr(k, "result"):
+                k = k.result()
+            k._init_handles()
+            _compiled[two] = (k.run, k.function, k.packed_metadata)
+    except Exception as exc:
+        log.warning("moe-probe: no direct Triton launch here (%s); using kernel[grid]", type(exc).__name__)
+        _compiled.clear()
+
+
+def _launch(out: torch.Tensor, routing_map: torch.Tensor, after, dropped, direct: bool = True) -> None:
     n, e = routing_map.shape
     m = routing_map.view(torch.uint8) if routing_map.dtype == torch.bool else routing_map
     if m.stride(1) != 1:
@@ -108,9 +151,18 @@ def _launch(out: torch.Tensor, routing_map: torch.Tensor, after, dropped) -> Non
             a = a.contiguous()
     else:
         a = m
-    grid = (ROW_PROGRAMS, triton_cdiv(e, BLOCK_E))
-    _kernel[grid](m, a, out, dropped if dropped is not None else out, n, e, m.stride(0), a.stride(0),
-                  TWO_MAPS=after is not None, BT=BLOCK_T, BE=BLOCK_E, PROGRAMS=ROW_PROGRAMS)
+    two = after is not None
+    columns = triton_cdiv(e, BLOCK_E)
+    compiled = _compiled.get(two) if (direct and direct_launch) else None
+    if compiled is not None:
+        run, function, packed = compiled
+        stream = torch._C._cuda_getCurrentRawStream(out.device.index)
+        run(ROW_PROGRAMS, columns, 1, stream, function, packed, None, None, None,
+            m, a, out, dropped if dropped is not None else out, n, e, m.stride(0), a.stride(0),
+            two, BLOCK_T, BLOCK_E, ROW_PROGRAMS)
+        return
+    _kernel[(ROW_PROGRAMS, columns)](m, a, out, dropped if dropped is not None else out, n, e, m.stride(0),
+                                     a.stride(0), TWO_MAPS=two, BT=BLOCK_T, BE=BLOCK_E, PROGRAMS=ROW_PROGRAMS)
 
 
 def triton_cdiv(a: int, b: int) -> int:

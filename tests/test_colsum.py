@@ -12,7 +12,15 @@ import torch
 from megatron_moe_probe import colsum
 
 CUDA = torch.cuda.is_available() and colsum.triton_available(torch.device("cuda"))
-PATHS = [("cpu", False)] + ([("cuda", True), ("cuda", False)] if CUDA else [])
+# (device, Triton, direct launch of the compiled binary); on CPU only the ATen fallback runs.
+PATHS = [("cpu", False, False)] + ([("cuda", True, True), ("cuda", True, False), ("cuda", False, False)] if CUDA else [])
+
+
+@pytest.fixture
+def launch_mode(request):
+    saved = colsum.direct_launch
+    yield lambda direct: setattr(colsum, "direct_launch", direct)
+    colsum.direct_launch = saved
 
 
 def _map(tokens: int, experts: int, topk: int, seed: int) -> torch.Tensor:
@@ -29,11 +37,13 @@ def _python_column_sums(m: torch.Tensor) -> list[int]:
     return [sum(int(r[e]) for r in rows) for e in range(m.shape[1])]
 
 
-@pytest.mark.parametrize("device,use_triton", PATHS)
+@pytest.mark.parametrize("device,use_triton,direct", PATHS)
 @pytest.mark.parametrize("tokens,experts,topk", [(1, 8, 2), (37, 8, 2), (130, 128, 8), (4099, 160, 6)])
-def test_column_sums_add_exactly(device, use_triton, tokens, experts, topk):
+def test_column_sums_add_exactly(device, use_triton, direct, tokens, experts, topk, launch_mode):
+    launch_mode(direct)
     if use_triton:
         assert colsum.prepare(torch.device(device))
+        assert bool(colsum._compiled) or not direct  # the direct launch is on where it is tested
     m = _map(tokens, experts, topk, seed=tokens)
     out = torch.full((experts,), 5, dtype=torch.long, device=device)  # adds to what is there
     colsum.add_column_sums(out, m.to(device), use_triton)
@@ -43,8 +53,11 @@ def test_column_sums_add_exactly(device, use_triton, tokens, experts, topk):
     assert sum(expected) - 5 * experts == 2 * tokens * topk
 
 
-@pytest.mark.parametrize("device,use_triton", PATHS)
-def test_capacity_counts_kept_and_dropped_not_padding(device, use_triton):
+@pytest.mark.parametrize("device,use_triton,direct", PATHS)
+def test_capacity_counts_kept_and_dropped_not_padding(device, use_triton, direct, launch_mode):
+    launch_mode(direct)
+    if use_triton:
+        assert colsum.prepare(torch.device(device))
     before = _map(300, 16, 4, seed=1)
     g = torch.Generator().manual_seed(2)
     keep = torch.rand(300, 16, generator=g) < 0.7
