@@ -27,9 +27,10 @@ bf16, EP=1 with the alltoall dispatcher, one micro-batch of `--seq` tokens per i
    round. The probe's interval is the window, so each probe window holds one flush and, with
    timing, its sampled iteration(s): the MEAN of each window's iterations keeps both in. Then
    each mode's median over windows, and its ratio to off with a bootstrap 95 % CI.
-   Note: Megatron's tokens-per-expert hook attaches to Transformer Engine's GroupedLinear; on
-   the local path there is none, so the tpe window measures its per-iteration hook walk and
-   save, not the list append per micro-batch it does with TE.
+   The tpe window uses Megatron's own hook function (ActivationLogger._make_tpe_hook) and
+   save_tpe; Megatron attaches the hook to Transformer Engine's GroupedLinear `linear_fc1`, which
+   TEGroupedMLP calls with tokens_per_expert.tolist(); on this local path it sits on the experts
+   module and is handed the same list (as tests/dump_jobs.py does on CPU).
 
 Writes DIR/live_overhead.json and DIR/hook_profile.txt and prints a summary.
 """
@@ -309,19 +310,31 @@ class Recorders:
             self.tracer.register_hooks([self.model])
 
     def before(self, mode: str) -> None:
-        if mode == "tpe":
-            from megatron.training.activation_logging import enable_tokens_per_expert_logging
+        if mode == "tpe":  # what --save-tokens-per-expert-interval 1 does before each forward/backward
+            from megatron.core.transformer.moe.moe_layer import MoELayer
+            from megatron.training.activation_logging import _get_logger
 
-            enable_tokens_per_expert_logging([self.model], self.tpe_dir)
+            logger = _get_logger(self.tpe_dir)
+            self.tpe_handles = []
+            for name, layer in self.model.named_modules():
+                if not isinstance(layer, MoELayer):
+                    continue
+                hook = logger._make_tpe_hook("model_chunk0", f"{name}.experts.linear_fc1")
+
+                def on_experts(module, args, kwargs, output, _hook=hook):
+                    _hook(module, (args[0], torch.as_tensor(args[1]).tolist()), kwargs, output)
+
+                self.tpe_handles.append(layer.experts.register_forward_hook(on_experts, with_kwargs=True))
         if mode in ("stats", "timing", "timing-every-1"):
             self.session.start_step()
 
     def after(self, mode: str, iteration: int, window: int) -> None:
-        if mode == "tpe":
-            from megatron.training.activation_logging import disable_tokens_per_expert_logging, save_tokens_per_expert
+        if mode == "tpe":  # ... and after it: save_tpe(iteration + 1), the hooks removed
+            from megatron.training.activation_logging import _get_logger
 
-            save_tokens_per_expert(iteration)
-            disable_tokens_per_expert_logging()
+            _get_logger(self.tpe_dir).save_tpe(iteration)
+            for h in self.tpe_handles:
+                h.remove()
         if mode == "tracer":
             self.tracer.advance_step(iteration)
         if mode in ("stats", "timing", "timing-every-1"):
