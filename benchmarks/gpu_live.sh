@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
 echo "=== colsum $(date +%T)"; timeout 120 python3 -m pytest tests/test_colsum.py -q -p no:cacheprovider > "$OUT/colsum_tests.txt" 2>&1; tail -3 "$OUT/colsum_tests.txt"
-echo "=== live_overhead $(date +%T)"; timeout ${LIVE_TIMEOUT:-300} python3 benchmarks/live_overhead.py --out "$OUT" > "$OUT/live_overhead.log" 2>&1; echo "exit $?"; tail -5 "$OUT/live_overhead.log"
+echo "=== live_overhead $(date +%T)"; timeout ${LIVE_TIMEOUT:-300} python3 benchmarks/live_overhead.py --out "$OUT" ${LIVE_ARGS:-} > "$OUT/live_overhead.log" 2>&1; echo "exit $?"; tail -5 "$OUT/live_overhead.log"
 if [ "${COUNTING:-1}" = 1 ]; then
   echo "=== counting_modes local $(date +%T)"
   timeout ${COUNTING_TIMEOUT:-200} python3 benchmarks/counting_modes.py --out /tmp/counting --iters 20 --interval 10 --modes local --timeout 180 > "$OUT/counting_modes.log" 2>&1
