@@ -17,12 +17,18 @@ BASE = TinyMoEConfig()
 @pytest.mark.parametrize("timing", ["all", "forward"])
 def test_session_reports_every_interval_and_the_rest_at_close(tmp_path, timing):
     steps, interval = 5, 2
-    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, timing)
+    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, timing,
+                        1 if timing == "all" else 2)
     assert results[0]["flushed"] == [2, 4]
     _, reports = load_run(tmp_path)
     assert [r.step for r in reports] == [2, 4, 5]
     assert [r.steps for r in reports] == [2, 2, 1]
     tokens = BASE.micro_batch_size * BASE.seq_length * BASE.topk * 2  # per layer per step, both ranks
+    # Timing samples one iteration in N (here N=1 for "all", 2 for "forward"), from each
+    # interval's first: the record says N and how many iterations its times are the mean of.
+    every = 1 if timing == "all" else 2
+    assert [r.meta["timing_every"] for r in reports] == [every] * 3
+    assert [r.meta["timing_sampled_iterations"] for r in reports] == ([2, 2, 1] if every == 1 else [1, 1, 1])
     for r in reports:
         assert r.layers == [1, 2]
         for row, counts in zip(r.per_layer, r.tokens_per_expert):
