@@ -14,15 +14,21 @@ from megatron_moe_probe.record import load_run
 BASE = TinyMoEConfig()
 
 
-@pytest.mark.parametrize("timing", [True, "forward"])
+@pytest.mark.parametrize("timing", ["all", "forward"])
 def test_session_reports_every_interval_and_the_rest_at_close(tmp_path, timing):
     steps, interval = 5, 2
-    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, timing)
+    results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, timing,
+                        1 if timing == "all" else 2)
     assert results[0]["flushed"] == [2, 4]
     _, reports = load_run(tmp_path)
     assert [r.step for r in reports] == [2, 4, 5]
     assert [r.steps for r in reports] == [2, 2, 1]
     tokens = BASE.micro_batch_size * BASE.seq_length * BASE.topk * 2  # per layer per step, both ranks
+    # Timing samples one iteration in N (here N=1 for "all", 2 for "forward"), from each
+    # interval's first: the record says N and how many iterations its times are the mean of.
+    every = 1 if timing == "all" else 2
+    assert [r.meta["timing_every"] for r in reports] == [every] * 3
+    assert [r.meta["timing_sampled_iterations"] for r in reports] == ([2, 2, 1] if every == 1 else [1, 1, 1])
     for r in reports:
         assert r.layers == [1, 2]
         for row, counts in zip(r.per_layer, r.tokens_per_expert):
@@ -55,8 +61,13 @@ def test_flags_through_megatrons_parser():
                    "--moe-probe-timing", "--log-interval", "7", "--moe-probe-gpus-per-node", "4"])
     settings = flags.resolve(args)
     assert settings.interval == 5 and settings.writers == ["local", "console"]
-    assert settings.timing == "all" and settings.gpus_per_node == 4 and settings.history == 5
-    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "forward"])).timing == "forward"
+    # The flag alone times forward calls only, one iteration in 8 (backward: `all`).
+    assert settings.timing == "forward" and settings.gpus_per_node == 4 and settings.history == 5
+    assert settings.timing_every == 8
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "all"])).timing == "all"
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "--moe-probe-timing-every", "3"])).timing_every == 3
+    # The history is capped the one way (settings.ProbeSettings.create) whatever builds the settings.
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-interval", "5000"])).history == 1000
     assert flags.resolve(_parse(["--moe-probe"])).timing is None
     # Defaults: interval from --log-interval; tensorboard/wandb added when Megatron has them.
     args = _parse(["--moe-probe", "--log-interval", "7", "--tensorboard-dir", "/tmp/tb", "--save", "/tmp/ck"])
