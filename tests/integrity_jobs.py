@@ -1,0 +1,145 @@
+"""Rank functions for the dispatch-integrity and router-health tests (module level for `spawn`).
+
+Each job builds the real Megatron GPTModel of the CPU harness, attaches the counting probe and
+the integrity / router-health contributors, optionally injects one fault into the exchange of
+one layer on one rank (by wrapping the dispatcher's `token_dispatch` / `token_combine`, the
+calls that move the rows between ranks), runs one interval and returns the verdict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import megatron_jobs as jobs
+from megatron_moe_probe.cpu import cluster as cc
+from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
+from megatron_moe_probe.megatron.hooks import attach
+
+FAULTS = ("drop", "duplicate", "misroute", "bitflip")
+
+
+def corrupt(rows: torch.Tensor, fault: str) -> torch.Tensor:
+    """One fault in a [rows, hidden] tensor: a row lost (zeros), a row overwritten by a copy of
+    another, two rows swapped (so they reach each other's expert), one bit of one value flipped."""
+    out = rows.clone()
+    if fault == "drop":
+        out[0] = 0
+    elif fault == "duplicate":
+        out[1] = rows[0]
+    elif fault == "misroute":
+        out[0], out[-1] = rows[-1], rows[0]
+    elif fault == "bitflip":
+        bits = out.view(torch.int32) if out.element_size() == 4 else out.view(torch.int16)
+        bits[0, 0] ^= 1 << 3
+    else:
+        raise ValueError(fault)
+    return out
+
+
+def inject(dispatcher, phase: str, fault: str, calls: list[int]) -> None:
+    """Corrupt the rows `token_dispatch` (phase "dispatch") or `token_combine` ("combine") hand
+    on, on the first forward call (calls[0] counts them)."""
+    method = "token_dispatch" if phase == "dispatch" else "token_combine"
+    original = getattr(dispatcher, method)
+
+    def faulty(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] != 1 or not torch.is_grad_enabled():
+            return out
+        if phase == "dispatch":
+            return (corrupt(out[0], fault), *out[1:])
+        return corrupt(out, fault)
+
+    dispatcher.__dict__[method] = faulty
+
+
+def inject_count(dispatcher) -> None:
+    """The dispatcher's own tokens_per_expert is off by one (one token moved between two local
+    experts): the experts would process the wrong segments."""
+    original = dispatcher.dispatch_postprocess
+    done = [False]
+
+    def faulty(*args, **kwargs):
+        rows, per_expert, probs = original(*args, **kwargs)
+        if not done[0]:
+            done[0] = True
+            per_expert = per_expert.clone()
+            per_expert[0] -= 1
+            per_expert[1] += 1
+        return rows, per_expert, probs
+
+    dispatcher.__dict__["dispatch_postprocess"] = faulty
+
+
+def run_interval(probe, check, model, cfg, rank: int, steps: int, microbatches: int = 1, start: int = 0):
+    """`steps` iterations of `microbatches` micro-batches each, then the interval's all-reduce."""
+    for step in range(start, start + steps):
+        probe.open_step()
+        for mb in range(microbatches):
+            cc.forward_backward(model, jobs.batch(cfg, rank, 10 * step + mb))
+        probe.close_step()
+        probe.step()
+        check.step()
+    parts = [p.clone() for p in check.device_parts()]
+    for p in parts:
+        dist.all_reduce(p)
+    snap = type("Snap", (), {})()
+    verdict = check.read(parts, snap)
+    check.reset()
+    return verdict.to_dict()
+
+
+def make_check(probe, **kwargs) -> ExchangeCheck:
+    layout = probe.layout
+    check = ExchangeCheck(probe._should_count, num_slots=layout.num_layer_slots,
+                          num_experts=layout.num_experts, ep_size=layout.ep_size,
+                          device=torch.device("cpu"), **kwargs)
+    check.attach(probe.bindings)
+    return check
+
+
+def faults(rank, world, cfg, cases, steps=2):
+    """{case: verdict} for each case = (phase, fault, layer slot, rank) or None (clean), each
+    on a fresh model with the same seed; the fault hits one layer on one rank."""
+    cc.init_parallel(cfg)
+    out = {}
+    for case in cases:
+        jobs._reseed(cfg)
+        model = cc.build_model(cfg)
+        probe = attach([model])
+        if case is not None:
+            phase, fault, slot, where = case
+            binding = next(b for b in probe.bindings if b.slot == slot)
+            if rank == where:
+                if fault == "count":
+                    inject_count(binding.dispatcher)
+                else:
+                    inject(binding.dispatcher, phase, fault, [0])
+        check = make_check(probe)
+        out[case] = run_interval(probe, check, model, cfg, rank, steps)
+        check.detach()
+        probe.detach()
+    return out
+
+
+def clean_variants(rank, world, cfg, variants: dict, steps=2):
+    """{key: verdicts of two intervals} for config variants without faults; the second interval
+    runs with the payload check sampled every 2 iterations and 2 micro-batches per iteration."""
+    cc.init_parallel(cfg)
+    out = {}
+    for key, changes in variants.items():
+        c = cfg.with_(**changes)
+        jobs._reseed(c)
+        model = cc.build_model(c)
+        probe = attach([model])
+        check = make_check(probe)
+        first = run_interval(probe, check, model, c, rank, steps)
+        check.detach()
+        check = make_check(probe, payload_every=2)
+        second = run_interval(probe, check, model, c, rank, 3, microbatches=2, start=steps)
+        check.detach()
+        probe.detach()
+        out[key] = (first, second)
+    return out
