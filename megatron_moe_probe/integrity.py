@@ -73,9 +73,9 @@ def segment_sums(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     does not match the rows then shows up as a difference, never as an indexing error)."""
     m = values.shape[0]
     prefix = torch.nn.functional.pad(values.cumsum(0, dtype=torch.int64), (0, 0, 1, 0))
-    ends = counts.cumsum(0).clamp(0, m)
-    starts = (ends - counts).clamp(0, m)
-    return prefix[ends] - prefix[starts]
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    return prefix[ends.clamp(0, m)] - prefix[starts.clamp(0, m)]
 
 
 class IntegrityAccumulator:

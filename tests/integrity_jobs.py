@@ -19,19 +19,20 @@ from megatron_moe_probe.megatron.hooks import attach
 FAULTS = ("drop", "duplicate", "misroute", "bitflip")
 
 
-def corrupt(rows: torch.Tensor, fault: str) -> torch.Tensor:
-    """One fault in a [rows, hidden] tensor: a row lost (zeros), a row overwritten by a copy of
-    another, two rows swapped (so they reach each other's expert), one bit of one value flipped."""
+def corrupt(rows: torch.Tensor, fault: str, first: int = 0, other: int = -1) -> torch.Tensor:
+    """One fault in a [rows, hidden] tensor: row `first` lost (zeros), overwritten by a copy of
+    row `other`, swapped with it (so each reaches the other's expert), or one bit of one of its
+    values flipped."""
     out = rows.clone()
     if fault == "drop":
-        out[0] = 0
+        out[first] = 0
     elif fault == "duplicate":
-        out[1] = rows[0]
+        out[first] = rows[other]
     elif fault == "misroute":
-        out[0], out[-1] = rows[-1], rows[0]
+        out[first], out[other] = rows[other], rows[first]
     elif fault == "bitflip":
         bits = out.view(torch.int32) if out.element_size() == 4 else out.view(torch.int16)
-        bits[0, 0] ^= 1 << 3
+        bits[first, 0] ^= 1 << 3
     else:
         raise ValueError(fault)
     return out
@@ -49,10 +50,24 @@ def inject(dispatcher, phase: str, fault: str, calls: list[int]) -> None:
         if calls[0] != 1 or not torch.is_grad_enabled():
             return out
         if phase == "dispatch":
-            return (corrupt(out[0], fault), *out[1:])
+            return (corrupt(out[0], fault, *_rows_that_matter(dispatcher)), *out[1:])
         return corrupt(out, fault)
 
     dispatcher.__dict__[method] = faulty
+
+
+def _rows_that_matter(dispatcher) -> tuple[int, int]:
+    """allgather: every rank gets every token and keeps those of its own experts, so fault a
+    token this rank keeps and swap it with one it keeps for other experts (a fault in a row no
+    expert here uses changes nothing on this rank, and is rightly not reported). alltoall:
+    every received row is kept: the first and the last."""
+    if type(dispatcher).__name__ != "MoEAllGatherTokenDispatcher":
+        return 0, -1
+    idx = dispatcher.local_expert_indices
+    local = dispatcher.routing_map[:, idx[0]:idx[-1] + 1]
+    kept = local.any(1).nonzero().flatten().tolist()
+    other = next(j for j in kept if not torch.equal(local[j], local[kept[0]]))
+    return kept[0], other
 
 
 def inject_count(dispatcher) -> None:
@@ -143,3 +158,46 @@ def clean_variants(rank, world, cfg, variants: dict, steps=2):
         probe.detach()
         out[key] = (first, second)
     return out
+
+
+def router_health(rank, world, cfg, steps=2):
+    """The router-health block of one interval, plus every counted router call's own logits and
+    routing map (recorded by a wrapper outside the contributor's) and each layer's expert bias,
+    for a numpy recomputation in the test."""
+    from megatron_moe_probe.megatron.router_watch import RouterHealth
+
+    cc.init_parallel(cfg)
+    jobs._reseed(cfg)
+    model = cc.build_model(cfg)
+    probe = attach([model])
+    health = RouterHealth(probe._should_count, num_slots=probe.layout.num_layer_slots,
+                          num_experts=probe.layout.num_experts, device=torch.device("cpu"),
+                          weight=probe.layout.count_weight)
+    health.attach(probe.bindings)
+    calls, biases = [], {}
+    g = torch.Generator().manual_seed(7)  # the same bias on every rank, as Megatron keeps it
+    for b in probe.bindings:
+        if getattr(b.router, "expert_bias", None) is not None:
+            b.router.expert_bias.copy_(torch.randn(cfg.num_experts, generator=g) * 0.1)
+            biases[b.slot] = b.router.expert_bias.tolist()
+        inner = b.router.routing
+
+        def outer(logits, *a, _inner=inner, _b=b, **k):
+            probs, routing_map = _inner(logits, *a, **k)
+            if probe._should_count(_b.router):
+                calls.append((_b.slot, logits.detach().reshape(-1, cfg.num_experts).double().numpy(),
+                              routing_map.numpy().copy()))
+            return probs, routing_map
+
+        b.router.__dict__["routing"] = outer
+    for step in range(steps):
+        probe.open_step()
+        cc.forward_backward(model, jobs.batch(cfg, rank, step))
+        probe.close_step()
+        probe.step()
+    parts = [p.clone() for p in health.device_parts()]
+    for p in parts:
+        dist.all_reduce(p)
+    snap = type("Snap", (), {})()
+    block = health.read(parts, snap)
+    return {"block": block, "calls": calls, "biases": biases, "topk": cfg.topk}

@@ -127,7 +127,8 @@ class ExchangeCheck:
             out = original(*args, **kwargs)
             if self.enabled and not getattr(wrapper, "_moe_probe_off", False):
                 try:
-                    observe(binding, dispatcher, state, args, out)
+                    with torch.no_grad():
+                        observe(binding, dispatcher, state, args, out)
                 except Exception as exc:  # never break training
                     self._fail(exc)
             return out
