@@ -106,8 +106,9 @@ def count_stats(load: torch.Tensor) -> dict[str, float]:
 
 def summarize(floats: torch.Tensor, ints: torch.Tensor, acc: RouterHealthAccumulator,
               slots: list[int]) -> dict:
-    """The reduced sums (CPU) -> {"per_layer": {layer: {stat: value}}, "per_expert": {name:
-    [[...] per layer]}, "across_layers": {stat: {...}}} for the layers in `slots` (0-based)."""
+    """The reduced sums (CPU) -> {"layers": [1-based layer numbers], "per_layer": [{stat: value}
+    per layer], "per_expert": {name: [[value per expert] per layer]}, "across_layers": {stat:
+    {min, p50, p90, max, worst_layer}}} for the layers in `slots` (0-based)."""
     f, i = acc.unpack_floats(floats), acc.unpack_ints(ints)
     per_layer: dict[int, dict[str, float]] = {}
     aux_load, bias = [], []
@@ -144,4 +145,5 @@ def summarize(floats: torch.Tensor, ints: torch.Tensor, acc: RouterHealthAccumul
     per_expert = {"aux_load": aux_load}
     if any(bias):
         per_expert["expert_bias"] = bias
-    return {"per_layer": per_layer, "per_expert": per_expert, "across_layers": across}
+    return {"layers": list(per_layer), "per_layer": list(per_layer.values()), "per_expert": per_expert,
+            "across_layers": across}

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_moe_probe import integrity
+from megatron_moe_probe import integrity, integrity_report
 from megatron_moe_probe.integrity import IntegrityAccumulator, row_fingerprints, segment_sums
 
 log = logging.getLogger("megatron_moe_probe")
@@ -57,10 +57,18 @@ class ExchangeCheck:
     name = "integrity"
 
     def __init__(self, gate: Callable[[object], bool], *, num_slots: int, num_experts: int,
-                 ep_size: int, device: torch.device, payload_every: int = DEFAULT_PAYLOAD_EVERY):
+                 ep_size: int, device: torch.device, payload_every: int = DEFAULT_PAYLOAD_EVERY,
+                 mode: str = "warn", announce: bool = True,
+                 request_stop: Optional[Callable[[str], None]] = None):
+        """gate(router): does this forward count (the session's counting gate). mode "warn" logs a
+        violation (where `announce`: one rank, the writers' rank), "fail" also calls
+        `request_stop(line)` on every rank, which ends training at the iteration boundary."""
         if payload_every < 1:
             raise ValueError(f"payload_every must be >= 1, got {payload_every}")
+        if mode not in MODES:
+            raise ValueError(f"integrity mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.gate = gate
+        self.mode, self.announce, self.request_stop = mode, announce, request_stop
         self.ep_size = ep_size
         self.payload_every = payload_every
         self.acc = IntegrityAccumulator(num_slots, num_experts, device)
@@ -105,7 +113,14 @@ class ExchangeCheck:
         extras = getattr(snapshot, "extras", None)
         if extras is None:
             extras = snapshot.extras = {}
-        extras[self.name] = verdict.to_dict()
+        block = extras[self.name] = verdict.to_dict()
+        line = integrity_report.violation_line(block, int(getattr(snapshot, "step", 0) or 0),
+                                               int(getattr(snapshot, "steps", 0) or 0))
+        if line and self.mode != "off":
+            if self.announce:
+                log.error(line)
+            if self.mode == "fail" and self.request_stop is not None:
+                self.request_stop(line + " (--moe-probe-integrity fail: training stops at this iteration)")
         return verdict
 
     def reset(self) -> None:
