@@ -100,7 +100,7 @@ def run_interval(probe, check, model, cfg, rank: int, steps: int, microbatches: 
     parts = [p.clone() for p in check.device_parts()]
     for p in parts:
         dist.all_reduce(p)
-    snap = type("Snap", (), {})()
+    snap = type("Snap", (), {"step": start + steps, "steps": steps})()
     verdict = check.read(parts, snap)
     check.reset()
     return verdict.to_dict()
@@ -132,8 +132,10 @@ def faults(rank, world, cfg, cases, steps=2):
                     inject_count(binding.dispatcher)
                 else:
                     inject(binding.dispatcher, phase, fault, [0])
-        check = make_check(probe)
+        stops: list[str] = []  # --moe-probe-integrity fail: every rank must ask to stop, or none
+        check = make_check(probe, mode="fail", request_stop=stops.append, announce=rank == world - 1)
         out[case] = run_interval(probe, check, model, cfg, rank, steps)
+        out[case]["stops"] = stops
         check.detach()
         probe.detach()
     return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import integrity_jobs as ij
-from megatron_moe_probe import integrity
+from megatron_moe_probe import integrity, integrity_report
 from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
 
 BASE = TinyMoEConfig()
@@ -81,7 +81,9 @@ def test_alltoall_faults_are_caught_naming_layer_and_rank():
         assert verdicts == results[0]
     verdicts = results[0]
     clean = verdicts[None]
-    assert clean["ok"] and clean["violations"] == []
+    assert clean["ok"] and clean["violations"] == [] and clean["stops"] == []
+    assert integrity_report.violation_line(clean, 1, 1) is None
+    assert integrity_report.extras_scalars({"extras": {"integrity": clean}})["moe/integrity/violations"] == 0
     assert clean["count_calls"] == 2 * BASE.num_layers and clean["payload_calls"] == clean["count_calls"]
     for case in FAULT_CASES[1:]:
         phase, fault, slot, rank = case
@@ -95,6 +97,13 @@ def test_alltoall_faults_are_caught_naming_layer_and_rank():
             assert {v["rank"] for v in found} == {rank}  # the receiving rank owns the experts
         else:
             _assert_caught(verdicts[case], case, ("combine_payload",))
+        # loud: one line naming the iteration window and the layer, a scalar, a stop request on every rank
+        line = integrity_report.violation_line(verdicts[case], 1, 1)
+        assert line.startswith("moe-probe: DISPATCH INTEGRITY VIOLATION in iterations 1-1: ")
+        assert f"layer {slot + 1}" in line and "\n" not in line
+        assert all(len(r[case]["stops"]) == 1 and r[case]["stops"][0].startswith(line) for r in results)
+        scalars = integrity_report.extras_scalars({"extras": {"integrity": verdicts[case]}})
+        assert scalars["moe/integrity/violations"] == verdicts[case]["violation_count"] > 0
 
 
 def test_allgather_dispatch_faults_are_caught():
