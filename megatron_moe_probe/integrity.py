@@ -89,15 +89,16 @@ class IntegrityAccumulator:
             "sent_count": (L, E), "received_count": (L, E),
             "dispatch_sent": (L, E, K), "dispatch_received": (L, E, K),
             "combine_sent": (L, E, K), "combine_received": (L, E, K),
-            "count_calls": (L,), "payload_calls": (L,),
         }
         self._shapes = shapes
         self._sizes = [int(torch.Size(s).numel()) for s in shapes.values()]
         self.buffer = torch.zeros(sum(self._sizes), dtype=torch.int64, device=device)
         self.views = self.unpack(self.buffer)
-        # Host-known row counts (tensor shapes): rows each rank dispatched / got back per slot.
-        self.rows_dispatched = [0] * L
-        self.rows_returned = [0] * L
+        # Host-known numbers (tensor shapes, call counts), per slot: no kernel per call for them.
+        self.rows_dispatched = [0] * L  # rows each rank dispatched (alltoall)
+        self.rows_returned = [0] * L  # rows that came back from token_combine (alltoall)
+        self.count_calls = [0] * L  # forwards count-checked
+        self.payload_calls = [0] * L  # forwards payload-checked
 
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views of a flat tensor laid out like `buffer` (the buffer, or its reduced copy)."""
@@ -107,12 +108,17 @@ class IntegrityAccumulator:
         return self.views[name]
 
     def host_part(self) -> torch.Tensor:
-        return torch.tensor(self.rows_dispatched + self.rows_returned, dtype=torch.int64)
+        return torch.tensor(self.rows_dispatched + self.rows_returned + self.count_calls + self.payload_calls,
+                            dtype=torch.int64)
+
+    def unpack_host(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = ("rows_dispatched", "rows_returned", "count_calls", "payload_calls")
+        return dict(zip(names, flat.split(self.num_slots)))
 
     def reset(self) -> None:
         self.buffer.zero_()
-        self.rows_dispatched = [0] * self.num_slots
-        self.rows_returned = [0] * self.num_slots
+        L = self.num_slots
+        self.rows_dispatched, self.rows_returned, self.count_calls, self.payload_calls = [0] * L, [0] * L, [0] * L, [0] * L
 
 
 @dataclass
@@ -140,9 +146,10 @@ class Verdict:
 
 def judge(flat: torch.Tensor, host: torch.Tensor, acc: IntegrityAccumulator, *, ep_size: int,
           payload_every: int, unchecked: Optional[list[str]] = None) -> Verdict:
-    """Compare the all-reduced sums (`flat`: the buffer, `host`: the row counts, both CPU)."""
-    L, E = acc.num_slots, acc.num_experts
+    """Compare the all-reduced sums (`flat`: the buffer, `host`: the host-known counts, both CPU)."""
+    E = acc.num_experts
     views = acc.unpack(flat)
+    views.update(acc.unpack_host(host))
     per_rank = max(1, E // max(1, ep_size))
     found: list[dict] = []
 
@@ -168,7 +175,7 @@ def judge(flat: torch.Tensor, host: torch.Tensor, acc: IntegrityAccumulator, *, 
                 d = diff[slot, expert]
                 add(check, slot, expert, None, None,
                     {"projections": int((d != 0).sum()), "max_abs": int(d.abs().max())})
-    rows_out, rows_back = host[:L], host[L:]
+    rows_out, rows_back = views["rows_dispatched"], views["rows_returned"]
     for slot in (rows_out != rows_back).nonzero().flatten().tolist():
         add("combine_rows", slot, None, int(rows_out[slot]), int(rows_back[slot]),
             int(rows_back[slot] - rows_out[slot]))

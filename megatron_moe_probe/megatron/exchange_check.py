@@ -180,15 +180,15 @@ class ExchangeCheck:
             if d.drop_and_pad:
                 counts = self._full(acc.num_experts, int(d.capacity))
             else:
-                counts = d.routing_map.sum(0).to(torch.int64)
+                counts = d.routing_map.sum(0)  # int64
             if state.payload:
-                acc["dispatch_sent"][slot] += segment_sums(row_fingerprints(rows), counts) * factor
+                sums = segment_sums(row_fingerprints(rows), counts)
+                acc["dispatch_sent"][slot] += sums * factor if factor != 1 else sums
             acc.rows_dispatched[slot] += int(rows.shape[0])
         state.sent_counts = counts
-        acc["sent_count"][slot] += counts * factor
-        acc["count_calls"][slot] += 1
-        if state.payload:
-            acc["payload_calls"][slot] += 1
+        acc["sent_count"][slot] += counts * factor if factor != 1 else counts
+        acc.count_calls[slot] += 1
+        acc.payload_calls[slot] += int(state.payload)
 
     def _dispatch_postprocess(self, binding, d, state: _Call, args, out) -> None:
         if not state.active:
