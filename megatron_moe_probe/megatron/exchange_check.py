@@ -44,9 +44,12 @@ def _capturing() -> bool:
 
 
 class _Call:
-    """What one layer's dispatcher remembers between its hooks within one forward."""
+    """What one layer's dispatcher remembers between its hooks within one forward. Each flag is
+    cleared by the hook that consumes it, so a later forward whose send side ran inside a CUDA
+    graph (no Python, no hook) never pairs its receive side with an older send."""
 
-    active = False
+    active = False  # send side recorded, receive side pending
+    combining = False  # dispatch checked, combine pending (alltoall)
     payload = False
     sent_counts: Optional[torch.Tensor] = None  # rows per global expert, as sent
 
@@ -193,6 +196,8 @@ class ExchangeCheck:
     def _dispatch_postprocess(self, binding, d, state: _Call, args, out) -> None:
         if not state.active:
             return
+        state.active = False
+        state.combining = type(d).__name__ == "MoEAlltoAllTokenDispatcher"
         rows, tokens_per_expert = out[0], out[1]
         per_local = torch.as_tensor(tokens_per_expert).to(self.device, torch.int64, non_blocking=True)
         lo = d.local_expert_indices[0]
@@ -202,7 +207,7 @@ class ExchangeCheck:
             self.acc["dispatch_received"][binding.slot, lo:hi] += segment_sums(row_fingerprints(rows), per_local)
 
     def _combine_preprocess(self, binding, d, state: _Call, args, out) -> None:
-        if not (state.active and state.payload):
+        if not (state.combining and state.payload):
             return
         local = d.num_local_experts
         lo = d.local_expert_indices[0]
@@ -219,9 +224,9 @@ class ExchangeCheck:
         self.acc["combine_sent"][binding.slot, lo:lo + local] += sums
 
     def _combine_postprocess(self, binding, d, state: _Call, args, out) -> None:
-        if not state.active:
+        if not state.combining:
             return
-        state.active = False
+        state.combining = False
         rows = args[0]
         self.acc.rows_returned[binding.slot] += int(rows.shape[0])
         if state.payload:
