@@ -63,10 +63,10 @@ class Truth:
     def on_session(self, session):
         import torch
 
-        for binding in session.probe.bindings:
-            layer = next(m for m in session.probe.moe_layers if m.router is binding.router)
+        for binding in session.bindings:
+            layer = next(m for m in session.hooks.moe_layers if m.router is binding.router)
             slot = binding.slot
-            self.sums[slot] = torch.zeros(session.probe.layout.num_experts // session.probe.layout.ep_size,
+            self.sums[slot] = torch.zeros(session.layout.num_experts // session.layout.ep_size,
                                           dtype=torch.long, device="cuda")
 
             def hook(module, args, _slot=slot):
@@ -85,7 +85,7 @@ class Truth:
         rows = {}
         for slot, sums in self.sums.items():
             local = sums.clone()
-            group = session.probe.moe_layers[0].token_dispatcher.ep_group
+            group = session.hooks.moe_layers[0].token_dispatcher.ep_group
             if dist.is_initialized() and dist.get_world_size(group) > 1:
                 parts = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(parts, local, group=group)
@@ -103,11 +103,12 @@ class Truth:
 
 
 def worker(out: str, megatron_argv: list[str]) -> int:
-    from megatron_moe_probe.megatron import launch, training
+    from megatron_moe_probe import session as probe_session
+    from megatron_moe_probe.megatron import launch
 
     truth = Truth()
-    training.session_callbacks.append(truth.on_session)
-    training.report_callbacks.append(truth.on_report)
+    probe_session.session_callbacks.append(truth.on_session)
+    probe_session.report_callbacks.append(truth.on_report)
     code = launch.main(megatron_argv)
     import torch.distributed as dist
 

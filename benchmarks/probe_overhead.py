@@ -89,19 +89,20 @@ class Bench:
     def on_session(self, session):
         self.session = session
         session.interval = self.opts.window  # one flush per window: its cost lands in that window
-        probe = session.probe
-        self._instrument(probe)
+        self._instrument()
         if not self.opts.no_verify:
-            for b in probe.bindings:
+            for b in session.bindings:
                 if type(b.dispatcher).__name__ == "MoEAlltoAllTokenDispatcher":
                     self._capture_splits(b)
 
-    def _instrument(self, probe):
+    def _instrument(self):
         """Accounted windows: host clock around each hook call, sync debug mode "error" around
         the probe's work, and a record_function range so the profiler attributes its kernels."""
+        from megatron_moe_probe import colsum
+
         bench = self
-        inner = probe.probe
-        for name in ("record_routing", "record_counts"):
+        inner = colsum  # the hooks' device work: one call per router call
+        for name in ("add_column_sums", "add_kept_and_dropped"):
             original = getattr(inner, name)
 
             def wrapped(*args, _orig=original, **kwargs):
@@ -121,10 +122,10 @@ class Bench:
     @staticmethod
     def patch_hook_timing(bench):
         """Host time of whole hook calls (pre-hook + hook), accounted windows only."""
-        from megatron_moe_probe.megatron.hooks import MegatronProbe
+        from megatron_moe_probe.megatron.hooks import MegatronRouterHooks
 
-        for factory in ("_make_pre_hook", "_make_hook"):
-            original_factory = getattr(MegatronProbe, factory)
+        for factory in ("_make_pre_hook", "_make_hook", "_make_capacity_fallback"):
+            original_factory = getattr(MegatronRouterHooks, factory)
 
             def make(self, binding, _f=original_factory):
                 hook = _f(self, binding)
@@ -140,7 +141,7 @@ class Bench:
 
                 return timed
 
-            setattr(MegatronProbe, factory, make)
+            setattr(MegatronRouterHooks, factory, make)
 
     def _capture_splits(self, binding):
         d = binding.dispatcher
@@ -164,8 +165,7 @@ class Bench:
         if self.opts.no_verify or self.mode not in VERIFIED_MODES:
             self.split_sums.clear()
             return
-        probe = session.probe
-        ep, ep_rank = probe.layout.ep_size, probe.layout.ep_rank
+        ep, ep_rank = session.layout.ep_size, session.layout.ep_rank
         rows = {}
         for slot, splits in self.split_sums.items():
             rows[slot] = splits.tolist()
@@ -312,24 +312,25 @@ class Bench:
         if mode == self.mode or self.session is None:
             self.mode = mode
             return
-        s, probe = self.session, self.session.probe
-        if mode != "timing" and probe.probe.timers:
+        s = self.session
+        if mode != "timing" and s.timers:
             # Keep the timer's event pool for the next timing window: in training the timer lives
             # for the whole run and reuses its events after the first interval, so creating fresh
             # CUDA events every window would charge the timer a cost training does not pay.
-            self._event_pool = probe.probe.timers[0].pool
-            probe.disable_timing()
+            self._event_pool = s.timers[0].pool
+            s.remove_timers()
         if mode == "off":
-            probe.pause()
+            s.hooks.pause()
             s.paused = True
         else:
-            probe.resume()
+            s.hooks.resume()
             s.paused = False
-            if mode == "timing" and not probe.probe.timers:
-                probe.enable_timing()
+            if mode == "timing" and not s.timers:
+                s.add_timer(s.hooks.make_timer(s.gate, every=s.settings.timing_every,
+                                               backward=s.settings.timing == "all"))
                 if self._event_pool is not None:
                     self._event_pool.reset()
-                    probe.probe.timers[0].pool = self._event_pool
+                    s.timers[0].pool = self._event_pool
         self.mode = mode
 
     # -- results ------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ class Bench:
         out["verify"] = {"flushes": self.verified_flushes, "mismatches": self.verify_errors[:5],
                          "n_mismatches": len(self.verify_errors)}
         if self.session is not None:  # a hook error disables the probe (and is logged): the run would not count
-            out["probe_failed"] = bool(self.session.probe.probe.failed)
+            out["probe_failed"] = bool(self.session.accumulator.failed)
         return out
 
 
@@ -377,12 +378,13 @@ def main(argv=None):
     opts, megatron_argv = parse(sys.argv[1:] if argv is None else argv)
     from megatron.training import training as mt
 
+    from megatron_moe_probe import session as probe_session
     from megatron_moe_probe.megatron import launch, training
 
     training.install()  # first, so that our timer wraps the probe's train_step wrapper
     bench = Bench(opts)
-    training.session_callbacks.append(bench.on_session)
-    training.report_callbacks.append(bench.on_report)
+    probe_session.session_callbacks.append(bench.on_session)
+    probe_session.report_callbacks.append(bench.on_report)
     bench.wrap_train_step(mt)
     Bench.patch_hook_timing(bench)
     Bench.patch_timer_accounting(bench)
@@ -401,13 +403,13 @@ def main(argv=None):
 
 def _patch_session_pause():
     """ProbeSession.after_step honours `paused` (benchmark-only: off windows skip the probe entirely)."""
-    from megatron_moe_probe.megatron.training import ProbeSession
+    from megatron_moe_probe.session import ProbeSession
 
     original = ProbeSession.after_step
 
     def after_step(self, iteration, *args, **kwargs):
         if getattr(self, "paused", False):
-            self.probe.close_step()  # the iteration is over: count nothing until the next one
+            self.gate.close_step()  # the iteration is over: count nothing until the next one
             return None
         return original(self, iteration, *args, **kwargs)
 

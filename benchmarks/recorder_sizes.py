@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron_moe_probe.probe import Snapshot
+from megatron_moe_probe.accumulator import Snapshot
 from megatron_moe_probe.summarize import build_report
 from megatron_moe_probe.record import encode_report
 

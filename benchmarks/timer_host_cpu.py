@@ -43,7 +43,8 @@ def rank_job(rank, world, steps, backward):
 
     from megatron_moe_probe.cpu import cluster as cc
     from megatron_moe_probe.megatron import timing
-    from megatron_moe_probe.megatron.hooks import attach
+    from megatron_moe_probe.session import open_session
+    from megatron_moe_probe.settings import ProbeSettings
 
     acc = defaultdict(float)
     _clocked(timing.DispatcherTimer, "_time_backward", acc)
@@ -54,9 +55,10 @@ def rank_job(rank, world, steps, backward):
     cfg = cc.TinyMoEConfig(ep=world, micro_batch_size=4, num_layers=4)
     cc.init_parallel(cfg)
     model = cc.build_model(cfg)
-    probe = attach([model])
-    probe.enable_timing(backward=backward)
-    _clocked(probe.probe.timers[0], "should_time", acc)  # an instance attribute: the probe's predicate
+    # every=1: time every iteration (the per-call cost; sampling divides it by N on average)
+    probe = open_session([model], ProbeSettings.create(1000, timing="all" if backward else "forward",
+                                                       timing_every=1))
+    _clocked(probe.gate, "should_count", acc)  # an instance attribute: the session's gate
     g = torch.Generator().manual_seed(rank)
 
     def step():

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.yaml_io import read_yaml
-from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
+from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, detect_backends
 from megatron_moe_probe.selection.card import Card, default_card, format_validation_error
 from megatron_moe_probe.selection.recommend import Query, Recommendation, recommend
 from megatron_moe_probe.settings import probe_flags
@@ -214,12 +214,14 @@ class Dispatcher(_Strict):
 Writer = Literal[WRITER_NAMES]
 
 
-class Probe(_Strict):
+class ProbeSection(_Strict):
+    """The recipe's `probe:` section: the probe flags this recipe's runs get."""
+
     enabled: bool = True
     interval: int | None = Field(None, ge=1)       # default: training.log_interval
     dir: str | None = None                         # default: runs/moe-probe/<recipe>
     writers: list[Writer] = ["local"]
-    timing: bool | Literal["forward"] = False      # true: forward and backward; "forward": forward only
+    timing: bool | Literal["forward", "all"] = False  # true / "forward": forward calls; "all": and backward
     gpus_per_node: int | None = Field(None, ge=1)  # default: parallelism.gpus_per_node
 
 
@@ -258,7 +260,7 @@ class Recipe(_Strict):
     parallelism: Parallelism
     training: Training
     dispatcher: Dispatcher = Dispatcher()
-    probe: Probe = Probe()
+    probe: ProbeSection = ProbeSection()
     data: Data = Data()
     bridge: Bridge = Bridge()
     variants: dict[str, dict[str, Any]] = {}
@@ -310,7 +312,7 @@ class Recipe(_Strict):
 SCHEMA_MODELS: dict[tuple, type[BaseModel]] = {
     (): Recipe, ("model",): Model, ("model", "moe"): Moe, ("model", "mla"): Mla, ("model", "yarn"): Yarn,
     ("model", "linear_attention"): LinearAttention, ("parallelism",): Parallelism, ("training",): Training,
-    ("dispatcher",): Dispatcher, ("probe",): Probe, ("data",): Data, ("data", "tokenizer"): Tokenizer,
+    ("dispatcher",): Dispatcher, ("probe",): ProbeSection, ("data",): Data, ("data", "tokenizer"): Tokenizer,
     ("bridge",): Bridge,
 }
 
@@ -443,7 +445,7 @@ def dispatcher_request(r: Recipe) -> Query:
 def resolve_dispatcher(r: Recipe, availability: Availability | None = None) -> Resolved:
     """Ask the selection for the recipe's dispatcher; its flags come back final."""
     card = default_card()
-    availability = availability or probe(card)
+    availability = availability or detect_backends(card)
     try:
         rec = recommend(dispatcher_request(r), card, availability)
     except UsageError as exc:
@@ -679,11 +681,22 @@ def render_document(r: Recipe, availability: Availability, fmt: str, include_pro
         out.append("# Megatron-Bridge overrides" + (f" on top of {r.bridge.recipe}" if r.bridge.recipe else ""))
         out.append(" \\\n".join(bridge))
         if include_probe and r.probe.enabled:
-            from megatron_moe_probe.megatron.bridge import callback_source
-
             pr = r.probe
             out.append("")
             out += callback_source(pr.interval or r.training.log_interval, pr.writers,
                                    pr.dir or f"runs/moe-probe/{r.full_name.replace(':', '-')}", pr.timing,
                                    pr.gpus_per_node or r.parallelism.gpus_per_node)
     return "\n".join(out) + "\n"
+
+
+def callback_source(interval: int, writers: list[str], out_dir: str, timing: bool | str,
+                    gpus_per_node: int | None) -> list[str]:
+    """The Python lines that add the probe to a Bridge training script (`moe-probe render --format
+    bridge`): text only, the planner never imports the live adapter (megatron/bridge.py)."""
+    return [
+        "# the probe, as a Megatron-Bridge callback: Python for the training script",
+        "from megatron_moe_probe.megatron.bridge import MoEProbeCallback",
+        f"probe = MoEProbeCallback(interval={interval}, writers={list(writers)!r}, out_dir={out_dir!r}, "
+        f"timing={timing!r}, gpus_per_node={gpus_per_node!r})",
+        "pretrain(cfg, forward_step, callbacks=[probe])",
+    ]

@@ -17,6 +17,7 @@ FLAGS = {
     "out_dir": "--moe-probe-dir",
     "writers": "--moe-probe-writers",
     "timing": "--moe-probe-timing",
+    "timing_every": "--moe-probe-timing-every",
     "gpus_per_node": "--moe-probe-gpus-per-node",
     "history": "--moe-probe-history",
     "heatmap_every": "--moe-probe-heatmap-every",
@@ -24,7 +25,11 @@ FLAGS = {
     "domains": "--moe-probe-domains",
 }
 DEFAULT_HEATMAP_EVERY = 10
-TIMING_MODES = ("all", "forward")  # --moe-probe-timing alone means "all"
+# --moe-probe-timing alone means "forward": backward timing costs two autograd tensor hooks per
+# wrapped call and mostly measures the same collectives again.
+TIMING_MODES = ("forward", "all")
+DEFAULT_TIMING_EVERY = 8  # dispatcher timing samples one iteration in N (the first of each interval, then every N-th)
+MAX_HISTORY = 1000  # per-step counts kept per interval, at most (bounds memory on long intervals)
 # Per-iteration records: off, each iteration's [layer, expert] counts (default), or also its rank matrix.
 ITERATION_MODES = ("off", "counts", "matrix")
 DEFAULT_ITERATIONS = "counts"
@@ -40,15 +45,40 @@ class ProbeSettings:
     interval: int
     writers: list[str]
     out_dir: str
-    timing: str | None  # None (off), "all" (forward and backward) or "forward"
+    timing: str | None  # None (off), "forward" or "all" (forward and backward)
     gpus_per_node: int | None  # None: LOCAL_WORLD_SIZE
     history: int  # per-step counts kept per interval
     heatmap_every: int = DEFAULT_HEATMAP_EVERY
     iterations: str = DEFAULT_ITERATIONS  # one of ITERATION_MODES
     domains: str | None = None  # None: one domain per dataset of a blend; "off"; or a mapping (resolve_domains)
+    timing_every: int = DEFAULT_TIMING_EVERY  # time one iteration in N
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def create(cls, interval: int, *, writers: list[str] | None = None, out_dir: str = "moe_probe_runs",
+               timing: str | bool | None = None, gpus_per_node: int | None = None, history: int | None = None,
+               heatmap_every: int = DEFAULT_HEATMAP_EVERY, iterations: str = DEFAULT_ITERATIONS,
+               domains: str | None = None, timing_every: int = DEFAULT_TIMING_EVERY) -> "ProbeSettings":
+        """Settings with every default filled in the one way (the flags, the Bridge callback and
+        the demo all come through here). `timing`: None/False off, True or "forward", "all".
+        Raises ValueError naming the bad value."""
+        if timing is True:
+            timing = TIMING_MODES[0]
+        if timing is False:
+            timing = None
+        if timing is not None and timing not in TIMING_MODES:
+            raise ValueError(f"timing must be off (None), {' or '.join(map(repr, TIMING_MODES))}, got {timing!r}")
+        if iterations not in ITERATION_MODES:
+            raise ValueError(f"iterations must be one of {', '.join(ITERATION_MODES)}, got {iterations!r}")
+        for name, value in (("interval", interval), ("heatmap_every", heatmap_every), ("timing_every", timing_every),
+                            ("history", history or 1), ("gpus_per_node", gpus_per_node or 1)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return cls(interval=interval, writers=list(writers or ["local"]), out_dir=out_dir, timing=timing,
+                   gpus_per_node=gpus_per_node, history=min(history or interval, MAX_HISTORY),
+                   heatmap_every=heatmap_every, iterations=iterations, domains=domains, timing_every=timing_every)
 
 
 def probe_flags(**values: Any) -> list[str]:

@@ -129,12 +129,18 @@ def locality_matrix(nodes: list[int]) -> torch.Tensor:
     return classes
 
 
+def locality_onehot(classes) -> torch.Tensor:
+    """[..., 3] int64 one-hot of locality classes (LOCAL, INTRA_NODE, INTER_NODE): a class per
+    destination rank, or the [src, dst] matrix of `locality_matrix`."""
+    return torch.nn.functional.one_hot(torch.as_tensor(classes, dtype=torch.long), 3)
+
+
 def locality_split(rank_matrix: torch.Tensor, nodes: list[int]) -> torch.Tensor:
     """Split a [..., EP, EP] matrix of one EP group into [..., 3] local / intra-node / inter-node volume."""
     ep = rank_matrix.shape[-1]
     if len(nodes) != ep:
         raise ValueError(f"need the node of each of the {ep} EP ranks, got {len(nodes)}")
-    onehot = torch.nn.functional.one_hot(locality_matrix(nodes), 3).to(rank_matrix.dtype)  # [src, dst, 3]
+    onehot = locality_onehot(locality_matrix(nodes)).to(rank_matrix.dtype)  # [src, dst, 3]
     return (rank_matrix.unsqueeze(-1) * onehot).sum((-3, -2))
 
 

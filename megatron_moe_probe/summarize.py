@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from megatron_moe_probe import stats
-from megatron_moe_probe.probe import Snapshot
+from megatron_moe_probe.accumulator import Snapshot
 import numpy as np
 
 from megatron_moe_probe.record import (LOCALITY_STATS, STEP_SUMMARIZED, IntervalReport, arrays_file_name,
@@ -79,6 +79,8 @@ def build_report(snap: Snapshot, keep_iterations: bool = True) -> IntervalReport
     all_meta = dict(snap.meta)
     if snap.dropped_per_source is not None:
         all_meta["dropped_per_source"] = snap.dropped_per_source.tolist()
+    if snap.extras:  # interval contributors' blocks (session.IntervalContributor), plain data
+        all_meta["extras"] = dict(snap.extras)
     return IntervalReport(
         step=int(snap.step),
         steps=int(snap.steps),

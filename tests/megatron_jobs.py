@@ -13,7 +13,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe_probe.cpu import cluster as cc
-from megatron_moe_probe.megatron.hooks import attach
+from megatron_moe_probe.session import open_session
+from megatron_moe_probe.settings import ProbeSettings
+
+
+def attach(model_chunks, domains=None, iteration_matrix=False, **settings):
+    """A session on the model, without writers or a gated loop: every training forward counts,
+    and the job calls `step()` / `snapshot()` itself."""
+    settings = ProbeSettings.create(1000, history=100, iterations="matrix" if iteration_matrix else "counts",
+                                    **settings)
+    return open_session(model_chunks, settings, domains=domains)
 
 
 def batch(cfg, rank: int, step: int) -> torch.Tensor:
@@ -205,7 +214,9 @@ def error_in_hook(rank, world, cfg):
     def boom(*a, **k):
         raise RuntimeError("injected failure")
 
-    probe.probe.record_routing = boom
+    from megatron_moe_probe import colsum
+
+    colsum.add_column_sums = boom  # the hook's one kernel call (this process only)
     loss = cc.forward_backward(model, batch(cfg, rank, 0))
     loss2 = cc.forward_backward(model, batch(cfg, rank, 1))
     return {"loss": float(loss), "loss2": float(loss2), "enabled": probe.enabled, "messages": messages}
@@ -220,19 +231,18 @@ def layout_only(rank, world, cfg):
     return layout
 
 
-def session_run(rank, world, cfg, out_dir, steps, interval, timing):
-    """ProbeSession as a training loop uses it: writers on the last rank, flush at close."""
-    from megatron_moe_probe.megatron.training import ProbeSession
-    from megatron_moe_probe.writers.base import make_writers
-
+def session_run(rank, world, cfg, out_dir, steps, interval, timing, timing_every=1):
+    """A session as a training loop uses it: writers on the last rank, flush at close."""
     cc.init_parallel(cfg)
     model = cc.build_model(cfg)
-    writers = make_writers(["local"], out_dir, {"test": True}, rank=0 if rank == world - 1 else 1)
-    session = ProbeSession([model], interval=interval, writers=writers, timing=timing, gpus_per_node=1)
+    settings = ProbeSettings.create(interval, writers=["local"], out_dir=out_dir, timing=timing, gpus_per_node=1,
+                                    timing_every=timing_every)
+    session = open_session([model], settings, run_meta={"test": True}, writer=rank == world - 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     flushed = []
     for it in range(1, steps + 1):
         optimizer.zero_grad()
+        session.start_step()
         cc.forward_backward(model, batch(cfg, rank, it))
         cc.allreduce_gradients(model)
         optimizer.step()
@@ -323,7 +333,7 @@ def domains_vs_dispatcher(rank, world, cfg, prefixes, cache, steps=3, matrix=Tru
         first = (step * dp_size + dp) * mbs
         batch = default_collate([data[i] for i in range(first, first + mbs)])
         tokens = batch["tokens"]
-        probe.set_domain(batch["dataset_id"], cfg.seq_length)
+        probe.set_batch_domains(batch["dataset_id"], cfg.seq_length)
         cc.forward_backward(model, tokens)
         per_layer = {}
         for b in probe.bindings:

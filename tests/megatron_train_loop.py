@@ -72,9 +72,52 @@ def megatron_argv(cfg, world: int, out_dir: str, train_iters: int, interval: int
     ]
 
 
+class TokenCountContributor:
+    """An interval contributor (session.IntervalContributor) as a dispatch-integrity check would
+    be: its own router hooks, gated by the session, an int64 and a float64 part per interval,
+    and a stop request from its verdict once `stop_after` iterations are in the records."""
+
+    name = "token_check"
+
+    def __init__(self, session, stop_after=None):
+        self.session, self.stop_after = session, stop_after
+        self.handles, self.seen = [], 0
+
+    def attach(self, bindings):
+        gate = self.session.gate
+        self.tokens = torch.zeros(len(bindings), dtype=torch.long)
+        self.tokens_f = torch.zeros(len(bindings), dtype=torch.float64)  # the float64 path of the flush
+        for i, b in enumerate(bindings):
+            def hook(module, args, output, i=i):
+                if gate.should_count(module):  # exactly what the router counts
+                    self.tokens[i] += output[1].shape[0]
+                    self.tokens_f[i] += 0.5 * output[1].shape[0]
+            self.handles.append(b.router.register_forward_hook(hook))
+
+    def detach(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def step(self):
+        self.seen += 1
+
+    def device_parts(self):
+        return [self.tokens_f, self.tokens]  # mixed dtypes: the session splits them by dtype
+
+    def read(self, reduced, snapshot):
+        snapshot.extras[self.name] = {"tokens": reduced[1].tolist(), "half_tokens": reduced[0].tolist()}
+        if self.stop_after is not None and snapshot.step >= self.stop_after:
+            self.session.request_stop(f"token_check: stop after iteration {snapshot.step} (test)")
+
+    def reset(self):
+        self.tokens.zero_()
+        self.tokens_f.zero_()
+
+
 def run_megatron_train(rank: int, world: int, cfg, out_dir: str, train_iters: int, interval: int,
                        extra: tuple = (), start_iteration: int = 0, skip_update_at: tuple = (),
-                       graphs_before_attach: bool = False) -> dict:
+                       graphs_before_attach: bool = False, contributor_stop_after=None) -> dict:
     """One rank of Megatron's `train()` with the probe installed. Returns what the test needs to
     check the records independently: eval router calls seen, iterations trained, warnings."""
     import logging
@@ -104,6 +147,13 @@ def run_megatron_train(rank: int, world: int, cfg, out_dir: str, train_iters: in
     logging.getLogger("megatron_moe_probe").addHandler(Collect())
 
     probe_training.install()  # the documented way: before Megatron's train() runs
+    if contributor_stop_after is not False and contributor_stop_after is not None:
+        from megatron_moe_probe import session as probe_session
+
+        def add_contributor(session):
+            session.add_contributor(TokenCountContributor(session, contributor_stop_after))
+
+        probe_session.session_callbacks.append(add_contributor)
     sys.argv = megatron_argv(cfg, world, out_dir, train_iters, interval, extra)
     args = arguments.parse_args(extra_args_provider=flags.add_probe_args)
     arguments.validate_args(args)
@@ -174,11 +224,15 @@ def run_megatron_train(rank: int, world: int, cfg, out_dir: str, train_iters: in
         from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 
         FullCudaGraphWrapper.cuda_graph["training"] = object()
+    exit_code = None
     try:
         iteration, _ = mt.train(forward_step, [ddp], optimizer, scheduler, RerunDataIterator(batches()),
                                 RerunDataIterator(batches()), None, model.config, {}, None)
+    except SystemExit as exc:  # Megatron's own exit path (a stop request ends in sys.exit)
+        exit_code, iteration = exc.code, getattr(args, "curr_iteration", None)
     finally:
         if graphs_before_attach:
             FullCudaGraphWrapper.cuda_graph["training"] = None
         probe_training.uninstall()
-    return {"iteration": iteration, "eval_router_calls": eval_calls[0], "messages": messages}
+    return {"iteration": iteration, "eval_router_calls": eval_calls[0], "messages": messages,
+            "exit_code": exit_code}

@@ -148,3 +148,55 @@ def test_record_names_cover_what_the_console_shows():
     from megatron_moe_probe.writers.console import COLUMNS, TIMING_COLUMNS
 
     assert [key for _, key, _ in (*COLUMNS, *TIMING_COLUMNS) if key not in KNOWN_STATS] == []
+
+
+# ---- the live side's own rules (docs/architecture.md, "What may import what") ------------------
+
+LIVE_CORE = (f"{NAME}.session", f"{NAME}.accumulator", f"{NAME}.colsum", f"{NAME}.stats", f"{NAME}.summarize")
+LIVE_ADAPTER = (f"{NAME}.megatron.bridge", f"{NAME}.megatron.training", f"{NAME}.megatron.hooks",
+                f"{NAME}.megatron.timing")
+PLANNER = (f"{NAME}.recipes", f"{NAME}.selection")
+
+
+def _imports_matching(modules: tuple[str, ...], forbidden) -> dict[str, list[str]]:
+    bad = {}
+    for name, path in library_modules().items():
+        if not name.startswith(modules):
+            continue
+        hits = sorted(m for m in imports_of(path) if forbidden(name, m))
+        if hits:
+            bad[name] = hits
+    return bad
+
+
+def test_production_modules_never_import_the_cpu_harness():
+    """cpu/ rebinds torch.cuda process-wide: megatron/ (the training path) must not pull it in."""
+    assert _imports_matching((f"{NAME}.megatron",), lambda _, m: m.startswith(f"{NAME}.cpu")) == {}
+
+
+def test_the_planner_never_imports_the_live_adapter():
+    """recipes.py and selection/ render text about the live side; they never import it."""
+    assert _imports_matching(PLANNER, lambda _, m: m.startswith(LIVE_ADAPTER)) == {}
+
+
+def test_the_live_core_is_framework_neutral():
+    """session, accumulator, kernel, statistics and summary import no Megatron; only the session's
+    factory may name the Megatron adapter (its default hooks), and nothing in the core imports
+    the training integration, the Bridge callback or the CPU harness."""
+    def forbidden(name: str, m: str) -> bool:
+        if m == "megatron" or m.startswith("megatron.") or m.startswith(f"{NAME}.cpu"):
+            return True
+        if m.startswith(f"{NAME}.megatron"):
+            adapter = f"{NAME}.megatron.hooks"
+            return not (name == f"{NAME}.session" and (m == adapter or m.startswith(adapter + ".")))
+        return False
+
+    assert _imports_matching(LIVE_CORE, forbidden) == {}
+
+
+def test_one_session_factory_serves_every_entry_point():
+    """install(), the Bridge callback and the demo all make their session with open_session."""
+    for module in ("megatron.training", "megatron.bridge", "cpu.demo"):
+        source = (PACKAGE / (module.replace(".", "/") + ".py")).read_text()
+        assert "open_session(" in source, module
+        assert "ProbeSession(" not in source and "make_writers(" not in source, module

@@ -13,7 +13,7 @@ from megatron_moe_probe.analysis import domains as dom
 from megatron_moe_probe.analysis.placement import balanced_placement
 from megatron_moe_probe.analysis.run_analysis import AnalysisOptions, analyze
 from megatron_moe_probe.analysis.runs import load_window
-from megatron_moe_probe.probe import Snapshot
+from megatron_moe_probe.accumulator import Snapshot
 from megatron_moe_probe.record import load_arrays, load_run, write_run
 from megatron_moe_probe.summarize import build_report
 

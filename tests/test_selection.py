@@ -19,7 +19,7 @@ import pytest
 
 from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.selection.availability import assumed, probe, version_at_least
+from megatron_moe_probe.selection.availability import assumed, detect_backends, version_at_least
 from megatron_moe_probe.selection.card import REPO_ROOT as CARD_PATH_ROOT, default_card
 from megatron_moe_probe.selection.hardware import detect_gpus, resolve_topology
 from megatron_moe_probe.selection.recommend import Query, recommend
@@ -173,7 +173,7 @@ def test_probe_mirrors_megatron_imports():
     utils = types.SimpleNamespace(EventHandle=object, EventOverlap=object)
     te = types.SimpleNamespace(__version__="2.4.0+abc")
     imp = _fake_importer({"deep_ep": deep_ep, "deep_ep.utils": utils, "transformer_engine": te})
-    avail = probe(CARD, importer=imp, version_of=lambda n: "1.2.0" if n.replace("-", "_") == "deep_ep" else (_ for _ in ()).throw(Exception()))
+    avail = detect_backends(CARD, importer=imp, version_of=lambda n: "1.2.0" if n.replace("-", "_") == "deep_ep" else (_ for _ in ()).throw(Exception()))
     assert avail.is_available("deepep") and avail.backends["deepep"].version == "1.2.0"
     assert not avail.is_available("hybridep")
     assert "HybridEPBuffer" in avail.backends["hybridep"].detail
@@ -187,14 +187,14 @@ def test_probe_import_errors_and_old_te():
     imp = _fake_importer({"deep_ep": OSError("libcuda.so.1: cannot open shared object file"),
                           "transformer_engine": types.SimpleNamespace(__version__="2.0.3"),
                           "transformer_engine.pytorch.ep": types.SimpleNamespace()})
-    avail = probe(CARD, importer=imp, version_of=lambda n: (_ for _ in ()).throw(Exception()))
+    avail = detect_backends(CARD, importer=imp, version_of=lambda n: (_ for _ in ()).throw(Exception()))
     assert not avail.is_available("deepep") and "OSError" in avail.backends["deepep"].detail
     assert avail.is_available("ncclep")
     assert not avail.permute_fusion and "2.0.3 < 2.1.0" in avail.permute_fusion_detail
 
 
 def test_probe_on_this_machine_runs():
-    avail = probe(CARD)
+    avail = detect_backends(CARD)
     assert avail.is_available("alltoall")
     for name, st in avail.backends.items():
         assert st.detail

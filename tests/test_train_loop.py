@@ -93,3 +93,23 @@ def test_other_dispatcher_through_the_loop(tmp_path, dispatcher):
     _, reports = load_run(out)
     assert [(r.step, r.steps) for r in reports] == [(3, 3)]
     assert all(sum(c) == 3 * loop.tokens_per_iteration(cfg, WORLD) for c in reports[0].tokens_per_expert)
+
+
+def test_a_contributor_counts_with_the_router_and_can_stop_training_cleanly(tmp_path):
+    """The session's extension point through Megatron's real loop: a contributor's parts ride on
+    the flush (its numbers in meta.extras, from the same gate as the router's counts), and its
+    stop request ends train() at that iteration boundary through Megatron's own exit."""
+    from megatron_moe_probe.megatron.training import STOP_EXIT_CODE
+
+    out = str(tmp_path / "run")
+    results = run_ranks(loop.run_megatron_train, WORLD, CFG, out, 8, 2, EVAL, 0, (), False, 4)
+    assert all(r["exit_code"] == STOP_EXIT_CODE for r in results)
+    reports = _check_records(out, 0, 4, 2)  # iterations 1-4 recorded, in two records, then stopped
+    tokens_per_router_call = CFG.micro_batch_size * CFG.seq_length
+    for r in reports:
+        block = r.meta["extras"]["token_check"]
+        # Router calls of trained iterations only (no evaluation): micro-batches x ranks x iterations.
+        calls = r.steps * loop.GRAD_ACC * WORLD
+        assert block["tokens"] == [calls * tokens_per_router_call] * len(r.layers)
+        assert block["half_tokens"] == [calls * tokens_per_router_call / 2] * len(r.layers)  # the float64 buffer
+    assert any("stopping training after iteration 4" in m for m in results[-1]["messages"])

@@ -14,7 +14,7 @@ from megatron_moe_probe.record import load_run
 BASE = TinyMoEConfig()
 
 
-@pytest.mark.parametrize("timing", [True, "forward"])
+@pytest.mark.parametrize("timing", ["all", "forward"])
 def test_session_reports_every_interval_and_the_rest_at_close(tmp_path, timing):
     steps, interval = 5, 2
     results = run_ranks(jobs.session_run, 2, BASE, str(tmp_path), steps, interval, timing)
@@ -55,8 +55,13 @@ def test_flags_through_megatrons_parser():
                    "--moe-probe-timing", "--log-interval", "7", "--moe-probe-gpus-per-node", "4"])
     settings = flags.resolve(args)
     assert settings.interval == 5 and settings.writers == ["local", "console"]
-    assert settings.timing == "all" and settings.gpus_per_node == 4 and settings.history == 5
-    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "forward"])).timing == "forward"
+    # The flag alone times forward calls only, one iteration in 8 (backward: `all`).
+    assert settings.timing == "forward" and settings.gpus_per_node == 4 and settings.history == 5
+    assert settings.timing_every == 8
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "all"])).timing == "all"
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-timing", "--moe-probe-timing-every", "3"])).timing_every == 3
+    # The history is capped the one way (settings.ProbeSettings.create) whatever builds the settings.
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-interval", "5000"])).history == 1000
     assert flags.resolve(_parse(["--moe-probe"])).timing is None
     # Defaults: interval from --log-interval; tensorboard/wandb added when Megatron has them.
     args = _parse(["--moe-probe", "--log-interval", "7", "--tensorboard-dir", "/tmp/tb", "--save", "/tmp/ck"])

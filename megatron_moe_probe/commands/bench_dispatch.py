@@ -75,11 +75,19 @@ def run(args: argparse.Namespace) -> int:
                             tokens_per_rank=geo.tokens_per_rank, scenarios=scenarios, dispatchers=names,
                             dtype="fp32" if cpu_only else args.dtype, warmup=args.warmup, iters=args.iters)
     if under_torchrun:
+        import torch
+
+        if not torch.cuda.is_available():  # gloo on CPU: the CPU stand-ins, before any model part
+            from megatron_moe_probe.cpu import compat
+
+            compat.enable()
         per_rank = replay.torchrun_main(spec)
         if per_rank is None:
             return 0
     else:
-        per_rank = replay.run_cpu(spec, world)
+        from megatron_moe_probe.cpu.bench_dispatch import run_cpu
+
+        per_rank = run_cpu(spec, world)
     bpe = 2 if per_rank[0]["dtype"] in ("bfloat16", "float16") else 4
     result = rr.assemble(per_rank, scenarios, geo, bpe)
     result.update(geometry=geo.__dict__, scenarios=scenarios, notes=notes, run=str(args.run))

@@ -15,7 +15,7 @@ from typing import Callable
 
 from megatron_moe_probe.commands import print_json
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, probe
+from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, detect_backends
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card, default_card
 from megatron_moe_probe.selection.hardware import Detected, detect_gpus, resolve_topology
 from megatron_moe_probe.selection.plan import ab_plan
@@ -206,7 +206,7 @@ def build_query(args: argparse.Namespace, card: Card, detector: Callable[[], Det
 
 
 def availability_from_args(card: Card, assume: str | None) -> Availability:
-    return probe(card) if assume is None else assumed(card, parse_backend_list(assume))
+    return detect_backends(card) if assume is None else assumed(card, parse_backend_list(assume))
 
 
 def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected] = detect_gpus) -> Recommendation:

@@ -10,7 +10,7 @@ from pathlib import Path
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.recipes import all_recipe_specs, load_recipe, render_document
 from megatron_moe_probe.record import atomic_write_text
-from megatron_moe_probe.selection.availability import assumed, parse_backend_list, probe
+from megatron_moe_probe.selection.availability import assumed, parse_backend_list, detect_backends
 from megatron_moe_probe.selection.card import default_card
 
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise UsageError("name a recipe (moe-probe render --list shows them)")
     card = default_card()
-    availability = probe(card) if args.assume_installed is None else assumed(card, parse_backend_list(args.assume_installed))
+    availability = detect_backends(card) if args.assume_installed is None else assumed(card, parse_backend_list(args.assume_installed))
     r = load_recipe(args.recipe)
     text = render_document(r, availability, args.format, include_probe=not args.no_probe)
     if args.out:

@@ -70,8 +70,8 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     import torch
 
     from megatron_moe_probe.cpu import cluster as cc
-    from megatron_moe_probe.megatron.training import ProbeSession
-    from megatron_moe_probe.writers.base import make_writers
+    from megatron_moe_probe.session import open_session
+    from megatron_moe_probe.settings import ProbeSettings
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = cc.TinyMoEConfig(ep=world, dispatcher=settings["dispatcher"], num_experts=settings["experts"],
@@ -80,13 +80,14 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
     model = cc.build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
 
-    writer_rank = world - 1
     names = settings.get("writers") or (["local"] if settings["quiet"] else ["local", "console"])
+    probe_settings = ProbeSettings.create(settings["interval"], writers=names, out_dir=settings["out"],
+                                          gpus_per_node=world)
     meta = {"job": "demo", "model": cfg.__dict__ | {"extra": None}, "world_size": world,
             "dispatcher": settings["dispatcher"], "interval": settings["interval"], "data": settings["data"],
             "global_batch": settings["global_batch"]}
-    writers = make_writers(names, settings["out"], meta, rank=0 if rank == writer_rank else 1)
-    session = ProbeSession([model], interval=settings["interval"], writers=writers, gpus_per_node=world)
+    # The run folder was claimed before the processes started (prepare_run_folder): used as is.
+    session = open_session([model], probe_settings, run_meta=meta, writer=rank == world - 1)
 
     data = training_tokens(settings["data"], cfg.vocab_size)
     # As durable as the probe's records: a kill or a full disk loses at most the last line,
@@ -104,6 +105,7 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
                                    generator=g)[mine]
             window = torch.stack([data[s : s + cfg.seq_length + 1] for s in starts.tolist()])
             optimizer.zero_grad(set_to_none=True)
+            session.start_step()  # only this iteration's forward/backward counts
             loss = cc.forward_backward(model, window[:, :-1], labels=window[:, 1:])
             cc.allreduce_gradients(model)
             optimizer.step()
@@ -113,7 +115,9 @@ def _rank_main(rank: int, world: int, settings: dict) -> dict:
             if train_log:
                 train_log.write({"iteration": it, "elapsed time per iteration (ms)": times[-1] * 1000,
                                  "lm loss": losses[-1]})
-        session.close(settings["steps"])
+            if session.stop_requested is not None:  # same iteration on every rank (see session.py)
+                break
+        session.close(it)
     finally:
         if train_log:
             train_log.close()

@@ -28,6 +28,8 @@ import os
 import time
 from typing import Any, Iterable, Optional
 
+from megatron_moe_probe.settings import DEFAULT_HEATMAP_EVERY, DEFAULT_TIMING_EVERY, ProbeSettings
+
 log = logging.getLogger("megatron_moe_probe")
 
 
@@ -51,7 +53,8 @@ class MoEProbeCallback:
 
     def __init__(self, interval: int = 10, writers: Iterable[str] | str | None = None, out_dir: Optional[str] = None,
                  *, gpus_per_node: Optional[int] = None, timing: bool | str | None = False,
-                 heatmap_every: int = 10, history: Optional[int] = None) -> None:
+                 heatmap_every: int = DEFAULT_HEATMAP_EVERY, history: Optional[int] = None,
+                 timing_every: int = DEFAULT_TIMING_EVERY) -> None:
         from megatron_moe_probe.writers.base import parse_writer_names
 
         if interval < 1:
@@ -63,6 +66,9 @@ class MoEProbeCallback:
         self.timing = timing
         self.heatmap_every = heatmap_every
         self.history = history
+        self.timing_every = timing_every
+        # Every default filled the one way (settings.py), and a bad value fails here, before training.
+        self.settings = self._settings(out_dir or "")
         self.session = None
         self.last_iteration: Optional[int] = None  # the last iteration given to after_step
 
@@ -102,29 +108,27 @@ class MoEProbeCallback:
                 except Exception:  # noqa: BLE001
                     pass
 
+    def _settings(self, out_dir: str) -> ProbeSettings:
+        return ProbeSettings.create(self.interval, writers=self.writer_names, out_dir=out_dir, timing=self.timing,
+                                    gpus_per_node=self.gpus_per_node, history=self.history,
+                                    heatmap_every=self.heatmap_every, timing_every=self.timing_every)
+
     def _start(self, context: Any) -> None:
-        from megatron_moe_probe.megatron.training import ProbeSession
-        from megatron_moe_probe.writers.base import make_writers
+        from megatron_moe_probe.session import open_session
 
         state = context.state
         rank, world = _dist()
         writing = rank == world - 1  # Bridge's TensorBoard and wandb loggers live on the last rank
-        out_dir = self.out_dir or self._default_dir(state)
-        # Attach first: a model the probe cannot read leaves no run folder or open writers behind.
-        self.session = ProbeSession(list(context.model), interval=self.interval, writers=None,
-                                    gpus_per_node=self.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None,
-                                    history=self.history, timing=self.timing)
+        self.settings = settings = self._settings(self.out_dir or self._default_dir(state))
         existing = {}
         if writing and "tensorboard" in self.writer_names:
             existing["tensorboard_writer"] = _get(state, "tensorboard_logger")
         if writing and "wandb" in self.writer_names:
             existing["wandb_writer"] = _get(state, "wandb_logger")
-        self.session.writers = writers = make_writers(self.writer_names, out_dir, self._run_meta(context, world) if writing else None,
-                               heatmap_every=self.heatmap_every, rank=0 if writing else 1,
-                               wandb_project=_get(state, "cfg", "logger", "wandb_project"), **existing)
-        if writing:
-            log.warning("moe-probe: on (Megatron-Bridge callback), every %d iterations, writers %s -> %s",
-                        self.interval, ",".join(writers.names) or "none", out_dir)
+        step = _get(state, "train_state", "step")
+        self.session = open_session(list(context.model), settings, run_meta=self._run_meta(context, world),
+                                    writer=writing, resumed=bool(step), announce=" (Megatron-Bridge callback)",
+                                    wandb_project=_get(state, "cfg", "logger", "wandb_project"), **existing)
 
     def _step_start(self) -> None:
         self.session.start_step()  # counting opens: only this iteration's forward/backward counts
@@ -156,17 +160,4 @@ class MoEProbeCallback:
         args["moe_probe_gpus_per_node"] = self.gpus_per_node
         return collect_run_meta({k: v for k, v in args.items() if v is not None},
                                 extra={"framework": "megatron-bridge", "world_size": world,
-                                       "probe": {"interval": self.interval, "writers": self.writer_names,
-                                                 "timing": self.timing, "gpus_per_node": self.gpus_per_node}})
-
-
-def callback_source(interval: int, writers: list[str], out_dir: str, timing: bool | str,
-                    gpus_per_node: int | None) -> list[str]:
-    """The Python lines that add the probe to a Bridge training script (`moe-probe render --format bridge`)."""
-    return [
-        "# the probe, as a Megatron-Bridge callback: Python for the training script",
-        "from megatron_moe_probe.megatron.bridge import MoEProbeCallback",
-        f"probe = MoEProbeCallback(interval={interval}, writers={list(writers)!r}, out_dir={out_dir!r}, "
-        f"timing={timing!r}, gpus_per_node={gpus_per_node!r})",
-        "pretrain(cfg, forward_step, callbacks=[probe])",
-    ]
+                                       "probe": self.settings.to_dict()})

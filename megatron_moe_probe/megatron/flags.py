@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_ITERATIONS, FLAGS, ITERATION_MODES, TIMING_MODES,
-                                        ProbeSettings, dest)
+from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_ITERATIONS, DEFAULT_TIMING_EVERY, FLAGS,
+                                        ITERATION_MODES, MAX_HISTORY, TIMING_MODES, ProbeSettings, dest)
 from megatron_moe_probe.writers.base import WRITER_NAMES
 
 GROUP_TITLE = "moe-probe"
@@ -57,13 +57,16 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"comma-separated writers from {', '.join(WRITER_NAMES)} (default: local, plus "
                         "tensorboard when --tensorboard-dir is set and wandb when --wandb-project is set)")
     g.add_argument(FLAGS["timing"], nargs="?", const=TIMING_MODES[0], default=None, choices=TIMING_MODES,
-                   help="time token_dispatch / token_combine per layer with CUDA events: forward and backward "
-                        "(the flag alone, or `all`), or `forward` only, at about a quarter of the host cost (measured on "
-                        "CPU: 40 us per wrapped call vs 162-189 us for forward and backward)")
+                   help="time token_dispatch / token_combine per layer with CUDA events, on one iteration in "
+                        f"{FLAGS['timing_every']} (default {DEFAULT_TIMING_EVERY}): forward calls only (the flag alone, "
+                        "or `forward`), or forward and backward (`all`, two autograd hooks more per call)")
+    g.add_argument(FLAGS["timing_every"], type=_positive_int, default=DEFAULT_TIMING_EVERY,
+                   help="dispatcher timing samples one iteration in N: the first of each report interval, then "
+                        "every N-th; the record's meta.timing_every says N and meta.timing_sampled_iterations how many")
     g.add_argument(FLAGS["gpus_per_node"], type=_positive_int, default=None,
                    help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
     g.add_argument(FLAGS["history"], type=_positive_int, default=None,
-                   help="per-step counts kept per interval for step statistics (default: the interval, max 1000)")
+                   help=f"per-step counts kept per interval for step statistics (default: the interval, max {MAX_HISTORY})")
     g.add_argument(FLAGS["heatmap_every"], type=_positive_int, default=DEFAULT_HEATMAP_EVERY,
                    help="reports between per-expert heatmaps/histograms in TensorBoard and wandb")
     g.add_argument(FLAGS["iterations"], choices=ITERATION_MODES, default=DEFAULT_ITERATIONS,
@@ -92,7 +95,8 @@ def flags_without_probe(args) -> list[str]:
     """Probe flags given while --moe-probe is off: they would silently do nothing."""
     if getattr(args, dest("enabled"), False):
         return []
-    defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY, dest("iterations"): DEFAULT_ITERATIONS}
+    defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY, dest("iterations"): DEFAULT_ITERATIONS,
+                dest("timing_every"): DEFAULT_TIMING_EVERY}
     prefix = dest("enabled") + "_"
     return [
         "--" + name.replace("_", "-")
@@ -120,17 +124,17 @@ def resolve(args) -> ProbeSettings:
         save = getattr(args, "save", None)
         out_dir = os.path.join(save, "moe_probe") if save else os.path.join(
             "moe_probe_runs", time.strftime("%Y%m%d-%H%M%S"))
-    history = min(given["history"] or interval, 1000)
-    return ProbeSettings(
-        interval=interval,
+    return ProbeSettings.create(
+        interval,
         writers=writers,
         out_dir=out_dir,
         timing=given["timing"],
         gpus_per_node=given["gpus_per_node"],
-        history=history,
-        heatmap_every=given["heatmap_every"],
+        history=given["history"],
+        heatmap_every=given["heatmap_every"] or DEFAULT_HEATMAP_EVERY,
         iterations=given["iterations"] or DEFAULT_ITERATIONS,
         domains=given["domains"],
+        timing_every=given["timing_every"] or DEFAULT_TIMING_EVERY,
     )
 
 

@@ -1,4 +1,4 @@
-"""The adapter between Megatron-Core 0.19 MoE layers and RoutingProbe.
+"""The adapter between Megatron-Core 0.19 MoE layers and the probe's session.
 
 Everything that touches Megatron internals for counting lives here:
 - a forward hook on every MoE layer's router (`TopKRouter.forward` returns
@@ -10,14 +10,17 @@ Everything that touches Megatron internals for counting lives here:
   decoder's layers), EP rank/size and node locality from the dispatcher's groups.
 
 What is counted (the counting contract, docs/metrics.md): router calls of training
-forward passes. A training loop that tells the probe where its iterations are
-(`open_step` / `close_step`, as ProbeSession does around Megatron's `train_step`)
-gets nothing else: no evaluation, no CUDA-graph warm-up pass, no call between
-iterations. Activation recomputation is never counted. Under CUDA-graph capture the
-hook's kernels are captured (they land in a fixed buffer, see probe.py), so each
-replay counts the pass it runs and the capture itself counts nothing.
+forward passes, as the session's CountingGate decides (session.py). A training loop
+that tells the session where its iterations are (`start_step` / `after_step`, as
+install() does around Megatron's `train_step`) gets nothing else: no evaluation, no
+CUDA-graph warm-up pass, no call between iterations. Activation recomputation is never
+counted. Under CUDA-graph capture the hook's kernel is captured (it adds into a fixed
+buffer, see accumulator.py), so each replay counts the pass it runs and the capture
+itself counts nothing.
 
-Hooks never raise into training: any error disables the probe with one warning.
+The hook body is the launch floor: one attribute read for what is decided per iteration,
+the checks that can change between calls, and one kernel (colsum.py). Hooks never raise
+into training: any error disables the probe with one warning.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe_probe import stats
+from megatron_moe_probe.accumulator import RankLayout
 from megatron_moe_probe.megatron.runtime import layer_runtime
-from megatron_moe_probe.probe import ProbeLayout, RoutingProbe, Snapshot
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -41,27 +44,6 @@ KNOWN_DISPATCHERS = ("MoEAlltoAllTokenDispatcher", "MoEAllGatherTokenDispatcher"
 
 class ProbeSetupError(ValueError):
     """The model cannot be probed (no MoE layers, inconsistent layers...)."""
-
-
-def _in_recomputation() -> bool:
-    """True while activations are recomputed: the router already counted these tokens.
-
-    Megatron 0.19 sets IS_CHECKPOINTING in both the first (no-grad) forward and the
-    recompute, so that flag cannot tell them apart. Every recompute (Megatron's,
-    transformer-engine's, torch's non-reentrant checkpoint) runs inside the autograd
-    engine's backward pass, and that is what this checks.
-    """
-    return torch._C._current_graph_task_id() != -1
-
-
-_CUDA = None  # torch.cuda.is_available(), asked once: the hook runs per router call
-
-
-def _stream_capturing() -> bool:
-    global _CUDA
-    if _CUDA is None:
-        _CUDA = torch.cuda.is_available()
-    return _CUDA and torch.cuda.is_current_stream_capturing()
 
 
 def _graph_warmup_flag():
@@ -73,11 +55,6 @@ def _graph_warmup_flag():
         return is_graph_warmup
     except Exception:  # pragma: no cover - older/newer Megatron without the flag
         return lambda: False
-
-
-# Probes whose hook kernels were captured into a CUDA graph: a graph holds raw pointers to
-# their buffers and may replay after detach, so the buffers must outlive the probe.
-_CAPTURED_PROBES: list = []
 
 
 def graphs_already_captured(model_chunks=()) -> Optional[str]:
@@ -131,7 +108,7 @@ def group_rank_size(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def build_layout(moe_layers: list, gpus_per_node: Optional[int] = None) -> ProbeLayout:
+def build_layout(moe_layers: list, gpus_per_node: Optional[int] = None) -> RankLayout:
     """Derive EP rank/size, TP weighting and node locality from the first MoE layer."""
     if not moe_layers:
         raise ProbeSetupError("the model has no Megatron MoE layers (num_moe_experts unset?): nothing to probe")
@@ -149,7 +126,7 @@ def build_layout(moe_layers: list, gpus_per_node: Optional[int] = None) -> Probe
     tp_rank, tp_size = group_rank_size(getattr(first.router, "tp_group", None))
     weight = 1 if (tp_size == 1 or config.sequence_parallel or tp_rank == 0) else 0
     num_slots = config.num_layers + int(getattr(config, "mtp_num_layers", None) or 0)
-    return ProbeLayout(
+    return RankLayout(
         num_layer_slots=num_slots,
         num_experts=config.num_moe_experts,
         ep_size=ep_size,
@@ -172,25 +149,27 @@ def _local_world_size() -> int:
 
 
 @dataclass
-class _LayerBinding:
-    slot: int
+class LayerBinding:
+    """One MoE layer as the probe sees it (what IntervalContributor.attach receives)."""
+
+    slot: int  # 0-based global layer row
     router: object
     dispatcher: object
+    layer: object  # the MoELayer module
 
 
 class _CapacityContext(threading.local):
     """Which router is running, so the module-level dropping wrapper knows where to count."""
 
-    binding: Optional[_LayerBinding] = None
+    binding: Optional[LayerBinding] = None
     counted: bool = False
 
 
-class MegatronProbe:
-    """Attaches a RoutingProbe to Megatron model chunks. `detach()` removes every hook."""
+class MegatronRouterHooks:
+    """Finds the MoE layers of Megatron model chunks and puts the counting hooks on their routers
+    (`attach`), the dispatcher timer on their dispatchers (`make_timer`). `detach()` removes all."""
 
-    def __init__(self, model_chunks, *, gpus_per_node: Optional[int] = None, history_steps: int = 100,
-                 device: Optional[torch.device] = None, reduce_group=None,
-                 domains: Optional[list[str]] = None, iteration_matrix: bool = False):
+    def __init__(self, model_chunks, *, gpus_per_node: Optional[int] = None, device: Optional[torch.device] = None):
         self.moe_layers = find_moe_layers(model_chunks)
         self.layout = build_layout(self.moe_layers, gpus_per_node)
         config = self.moe_layers[0].config
@@ -200,15 +179,8 @@ class MegatronProbe:
             device = next(self.moe_layers[0].router.parameters()).device
             if device.type == "cpu" and torch.cuda.is_available():
                 device = torch.device("cuda", torch.cuda.current_device())
-        self.probe = RoutingProbe(self.layout, device=device, history_steps=history_steps,
-                                  track_capacity=self.capacity, reduce_group=reduce_group,
-                                  domains=domains, iteration_matrix=iteration_matrix)
-        self.enabled = True
-        # Outside a gated loop every training forward counts; a loop that calls open_step /
-        # close_step (ProbeSession) counts only inside its iterations.
-        self.gated = False
-        self.in_step = True
-        self._graph_warmup = _graph_warmup_flag()
+        self.device = device
+        self.graph_warmup = _graph_warmup_flag()
         already = graphs_already_captured(model_chunks)
         if already:
             raise ProbeSetupError(f"CUDA graphs exist already ({already}); attach the probe before capture")
@@ -219,7 +191,10 @@ class MegatronProbe:
                         "dispatcher timing is unavailable", ", ".join(unknown))
         self._handles = []
         self._ctx = _CapacityContext()
-        self.bindings: list[_LayerBinding] = []
+        self.bindings: list[LayerBinding] = []
+        self.accumulator = None
+        self.gate = None
+        self._fail = None
         seen = set()
         for layer in self.moe_layers:
             slot = layer_slot(layer.router, config.num_layers)
@@ -228,17 +203,23 @@ class MegatronProbe:
             if not 0 <= slot < self.layout.num_layer_slots:
                 raise ProbeSetupError(f"router layer number {slot + 1} is outside 1..{self.layout.num_layer_slots}")
             seen.add(slot)
-            binding = _LayerBinding(slot, layer.router, layer.token_dispatcher)
-            self.bindings.append(binding)
-            self.probe.register_layer(slot)
+            self.bindings.append(LayerBinding(slot, layer.router, layer.token_dispatcher, layer))
+
+    def attach(self, accumulator, gate, on_error) -> None:
+        """Count every router call `gate` lets through into `accumulator`; `on_error(exc)` on failure."""
+        self.accumulator, self.gate, self._fail = accumulator, gate, on_error
+        for binding in self.bindings:
+            accumulator.register_layer(binding.slot)
         self._register_hooks()
 
     def _register_hooks(self) -> None:
         for binding in self.bindings:
             router = binding.router
-            if self.capacity:  # only the dropping wrapper needs to know which router is running
+            if self.capacity:  # the dropping wrapper counts; it needs to know which router is running
                 self._handles.append(router.register_forward_pre_hook(self._make_pre_hook(binding)))
-            self._handles.append(router.register_forward_hook(self._make_hook(binding)))
+                self._handles.append(router.register_forward_hook(self._make_capacity_fallback(binding)))
+            else:
+                self._handles.append(router.register_forward_hook(self._make_hook(binding)))
         if self.capacity:
             _DroppingWrapper.install(self)
 
@@ -254,62 +235,59 @@ class MegatronProbe:
         self._remove_hooks()
 
     def resume(self) -> None:
-        if not self._handles:
+        if not self._handles and self.accumulator is not None:
             self._register_hooks()
 
-    # ---- hooks -----------------------------------------------------------------------------
-
-    def _should_count(self, router) -> bool:
-        if not (self.enabled and router.training) or _in_recomputation():
-            return False
-        if _stream_capturing():
-            # Captured kernels run once per replay, and each replay is a training pass;
-            # the capture itself executes nothing.
-            self.probe.captured = True
-            return True
-        return self.in_step and not self._graph_warmup()
-
-    def _should_time(self, binding) -> bool:
-        # CUDA events cannot be timed inside a graph capture: only eager dispatcher calls are timed.
-        return self._should_count(binding.router) and not _stream_capturing()
-
-    def open_step(self) -> None:
-        """A training iteration starts: count its router calls (and nothing else, once gated)."""
-        self.gated = True
-        self.in_step = True
-
-    def close_step(self) -> None:
-        self.in_step = not self.gated
-
-    def enable_timing(self, max_events: int = 65536, backward: bool = True) -> None:
-        """Time token_dispatch / token_combine of every layer (CUDA events, read at flush);
-        backward=False times the forward calls only, at about half the host cost."""
+    def make_timer(self, gate, every: int = 1, backward: bool = False):
+        """A DispatcherTimer on token_dispatch / token_combine of every layer (CUDA events, one
+        iteration in `every`, read at the flush); backward=True adds the backward calls."""
         from megatron_moe_probe.megatron.timing import DispatcherTimer
 
         known = [b for b in self.bindings if type(b.dispatcher).__name__ in KNOWN_DISPATCHERS]
-        timer = DispatcherTimer(known, self.layout.num_layer_slots, self._should_time,
-                                max_events=max_events, backward=backward)
-        self.probe.timers.append(timer)
+        return DispatcherTimer(known, self.layout.num_layer_slots, gate, every=every, backward=backward)
 
-    def _make_pre_hook(self, binding: _LayerBinding):
+    # ---- hooks: the hot path -----------------------------------------------------------------
+
+    def _make_pre_hook(self, binding: LayerBinding):
+        ctx, gate = self._ctx, self.gate
+
         def pre_hook(module, args):
             try:
-                self._ctx.binding = binding if self._should_count(module) else None
-                self._ctx.counted = False
+                ctx.binding = binding if (gate.open or gate.capturing()) and gate.should_count(module) else None
             except Exception as exc:  # never break training
                 self._fail(exc)
 
         return pre_hook
 
-    def _make_hook(self, binding: _LayerBinding):
+    def _make_hook(self, binding: LayerBinding):
+        gate, slot = self.gate, binding.slot
+        add = self.accumulator.add_routing_map
+
         def hook(module, args, output):
+            # `gate.open` is False between iterations and after an error: one attribute read then.
+            # Under CUDA-graph capture (which TE runs before the first iteration) it may be closed
+            # and still count, so capture is checked before giving up.
+            if not gate.open and not gate.capturing():
+                return
             try:
-                counted = self._ctx.counted
-                self._ctx.binding, self._ctx.counted = None, False
-                if counted or not self._should_count(module):
-                    return
-                _, routing_map = output
-                self.probe.record_routing(binding.slot, routing_map)
+                if gate.should_count(module):
+                    add(slot, output[1])
+            except Exception as exc:
+                self._fail(exc)
+
+        return hook
+
+    def _make_capacity_fallback(self, binding: LayerBinding):
+        ctx, slot = self._ctx, binding.slot
+
+        def hook(module, args, output):
+            # The router did not call apply_router_token_dropping (the wrapper clears the binding
+            # when it counts): count its map as it is, nothing was dropped.
+            if ctx.binding is None:
+                return
+            ctx.binding = None
+            try:
+                self.accumulator.add_routing_map(slot, output[1])
             except Exception as exc:
                 self._fail(exc)
 
@@ -319,70 +297,31 @@ class MegatronProbe:
         binding = self._ctx.binding
         if binding is None:
             return
+        self._ctx.binding = None  # one count per router call
         try:
-            kept_map = before & after
-            kept = kept_map.sum(0)
-            self.probe.record_counts(binding.slot, kept, before.sum(0) - kept, kept_map)
-            self._ctx.counted = True
+            self.accumulator.add_capacity_maps(binding.slot, before, after)
         except Exception as exc:
             self._fail(exc)
 
-    def _fail(self, exc: BaseException) -> None:
-        if self.enabled:
-            log.warning("moe-probe: disabled after an error in a hook (training continues): %r", exc)
-        self.enabled = False
-        self.probe.failed = True  # reported to every rank at the next flush
+    # ---- per interval ------------------------------------------------------------------------
 
-    # ---- API -------------------------------------------------------------------------------
-
-    def set_domain(self, dataset_ids: torch.Tensor, seq_length: int) -> None:
-        """The coming micro-batch's dataset id per sample (see RoutingProbe.set_sample_domains);
-        call before its forward. Never raises into training."""
-        try:
-            self.probe.set_sample_domains(dataset_ids, seq_length)
-        except Exception as exc:
-            self._fail(exc)
-
-    def step(self) -> None:
-        # Steps are counted even when disabled so every rank's history stays the same shape.
-        self.probe.step()
-        for timer in self.probe.timers:
-            timer.step()
-
-    def snapshot(self, step: Optional[int] = None) -> Snapshot:
-        snap = self.probe.snapshot(step)
-        snap.meta.update(
-            dispatcher=self.dispatcher_types,
-            topk=self.topk,
-            gpus_per_node=self.layout.gpus_per_node,
-            probe_enabled=self.enabled,
-            runtime_dispatchers=layer_runtime((b.slot + 1, b.dispatcher) for b in self.bindings),
-        )
-        return snap
-
-    def disable_timing(self) -> None:
-        for timer in list(self.probe.timers):
-            remove = getattr(timer, "remove", None)
-            if remove:
-                remove()
-        self.probe.timers.clear()
+    def run_meta(self) -> dict:
+        """What each record's meta says about the live layers (no device work)."""
+        return {"dispatcher": self.dispatcher_types, "topk": self.topk, "gpus_per_node": self.layout.gpus_per_node,
+                "runtime_dispatchers": layer_runtime((b.slot + 1, b.dispatcher) for b in self.bindings)}
 
     def detach(self) -> None:
         self._remove_hooks()
-        self.disable_timing()
-        self.enabled = False
-        if self.probe.captured and self.probe not in _CAPTURED_PROBES:
-            _CAPTURED_PROBES.append(self.probe)
 
 
 class _DroppingWrapper:
     """Wraps megatron.core.transformer.moe.router.apply_router_token_dropping while any probe needs it."""
 
-    _probes: list[MegatronProbe] = []
+    _hooks: list[MegatronRouterHooks] = []
     _original = None
 
     @classmethod
-    def install(cls, probe: MegatronProbe) -> None:
+    def install(cls, hooks: MegatronRouterHooks) -> None:
         from megatron.core.transformer.moe import router as router_module
 
         if cls._original is None:
@@ -391,24 +330,19 @@ class _DroppingWrapper:
 
             def apply_router_token_dropping(routing_probs, routing_map, *args, **kwargs):
                 probs, final_map = original(routing_probs, routing_map, *args, **kwargs)
-                for p in cls._probes:
-                    p._on_dropping(routing_map, final_map)
+                for h in cls._hooks:
+                    h._on_dropping(routing_map, final_map)
                 return probs, final_map
 
             router_module.apply_router_token_dropping = apply_router_token_dropping
-        cls._probes.append(probe)
+        cls._hooks.append(hooks)
 
     @classmethod
-    def uninstall(cls, probe: MegatronProbe) -> None:
+    def uninstall(cls, hooks: MegatronRouterHooks) -> None:
         from megatron.core.transformer.moe import router as router_module
 
-        if probe in cls._probes:
-            cls._probes.remove(probe)
-        if not cls._probes and cls._original is not None:
+        if hooks in cls._hooks:
+            cls._hooks.remove(hooks)
+        if not cls._hooks and cls._original is not None:
             router_module.apply_router_token_dropping = cls._original
             cls._original = None
-
-
-def attach(model_chunks: Iterable, **kwargs) -> MegatronProbe:
-    """Attach a probe to Megatron model chunks (a module or a list, as Megatron's `model`)."""
-    return MegatronProbe(model_chunks, **kwargs)

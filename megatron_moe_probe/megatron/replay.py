@@ -9,8 +9,9 @@ combine_postprocess. The experts are identity experts that apply the routing pro
 token's probabilities: the correctness check. On GPUs (NCCL) the dispatch and combine are
 timed with CUDA events; on CPU (gloo) nothing is timed.
 
-`bench_rank(rank, world, spec)` runs on every rank (under run_ranks or torchrun) and returns
-plain data; `commands/bench_dispatch.py` assembles and prints it.
+`bench_rank(rank, world, spec)` runs on every rank (under torchrun, or on CPU through
+cpu/bench_dispatch.py, which installs the CPU stand-ins first) and returns plain data;
+`commands/bench_dispatch.py` assembles and prints it.
 """
 
 from __future__ import annotations
@@ -148,10 +149,8 @@ def bench_rank(rank: int, world: int, spec: BenchSpec) -> dict:
 
     on_gpu = torch.cuda.is_available() and dist.get_backend() == "nccl"
     if not ps.model_parallel_is_initialized():
-        if not on_gpu:
-            from megatron_moe_probe.cpu import compat
-
-            compat.enable()
+        # On CPU the caller (cpu/bench_dispatch.py) installs the CPU stand-ins first: this
+        # production module never imports the CPU harness.
         ps.initialize_model_parallel(expert_model_parallel_size=world, create_gloo_process_groups=False)
     ep_rank = ps.get_expert_model_parallel_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -221,10 +220,3 @@ def torchrun_main(spec: BenchSpec) -> list[dict] | None:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
     return gathered if int(os.environ.get("RANK", "0")) == 0 else None
-
-
-def run_cpu(spec: BenchSpec, ranks: int) -> list[dict]:
-    """Spawn `ranks` gloo processes (cpu/cluster.run_ranks) for the correctness check."""
-    from megatron_moe_probe.cpu.cluster import run_ranks
-
-    return run_ranks(bench_rank, ranks, spec)

@@ -1,10 +1,15 @@
 """Dispatcher timing: CUDA-event time of `token_dispatch` and `token_combine` per layer.
 
-Forward: an event pair around the call. Backward: tensor hooks record an event
-when the gradient of the call's output arrives (its backward communication starts)
-and when the gradient of its input is ready (it has finished). Events come from a
-pool allocated once and are read only when the probe flushes, so timing adds no
-host synchronization; the pool bounds memory, and what did not fit is reported.
+Sampled: one iteration in `every` is timed (the first of each report interval, then every
+`every`-th), and the others pay one attribute read per wrapped call. The reported value is the
+mean over the timed iterations, and the record's meta says how many there were
+(`timing_sampled_iterations`) and the sampling (`timing_every`).
+
+Forward: an event pair around the call. Backward (mode "all" only): tensor hooks record an
+event when the gradient of the call's output arrives (its backward communication starts) and
+when the gradient of its input is ready (it has finished). Events come from a pool made at
+attach time and reused every interval; they are read only when the session flushes, so timing
+adds no host synchronization; the pool bounds memory, and what did not fit is reported.
 
 Only `token_dispatch` / `token_combine` are wrapped: they are the communication
 steps of every 0.19 dispatcher (all-to-all, all-gather / reduce-scatter, DeepEP,
@@ -20,16 +25,15 @@ from typing import Callable
 
 import torch
 
-from megatron_moe_probe.probe import PhaseTimer
 from megatron_moe_probe.record import PHASES
 
 log = logging.getLogger("megatron_moe_probe")
 
 
 class _EventPool:
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, preallocate: int = 0):
         self.capacity = capacity
-        self._events: list = []
+        self._events: list = [torch.cuda.Event(enable_timing=True) for _ in range(min(preallocate, capacity))]
         self.used = 0
 
     def take(self):
@@ -55,32 +59,48 @@ def _first_tensor(value):
     return None
 
 
-class DispatcherTimer(PhaseTimer):
-    """Wraps the dispatchers of `bindings` (objects with .slot and .dispatcher)."""
+class DispatcherTimer:
+    """Wraps the dispatchers of `bindings` (objects with .slot and .dispatcher); a session timer."""
 
-    def __init__(self, bindings, num_slots: int, should_time: Callable[[object], bool], max_events: int = 65536,
-                 backward: bool = True):
+    def __init__(self, bindings, num_slots: int, gate, every: int = 1, max_events: int = 65536,
+                 backward: bool = False):
         self.num_slots = num_slots
         # Backward timing is half the timer's host cost (two tensor hooks per call, run by autograd).
         self.backward = backward
-        self.should_time = should_time
-        self.pool = _EventPool(max_events)
+        self.gate = gate
+        self.every = max(1, int(every))
+        self._position = 0  # iterations since the last read
+        self.sampled = 0  # timed iterations since the last read
+        self.active = True  # this iteration is timed (the first of each interval is)
+        bindings = list(bindings)
+        # Events for about four micro-batches of a timed iteration, made now; more on demand.
+        per_iteration = len(bindings) * 2 * 2 * (2 if backward else 1)
+        self.pool = _EventPool(max_events, preallocate=4 * per_iteration if torch.cuda.is_available() else 0)
         self._pairs: list[tuple[int, str, object, object]] = []
         self.skipped = 0
-        self.steps = 0
         self._restore: list[tuple[object, str, object]] = []
         for b in bindings:
             for method, phase in (("token_dispatch", "dispatch"), ("token_combine", "combine")):
                 if hasattr(b.dispatcher, method):
                     self._wrap(b, method, phase)
 
+    last_sampled = 0  # timed iterations of the interval read last
+
+    @property
+    def meta(self) -> dict:
+        return {"timing_every": self.every, "timing_backward": self.backward,
+                "timing_sampled_iterations": self.last_sampled}
+
     def _wrap(self, binding, method: str, phase: str) -> None:
-        dispatcher, slot = binding.dispatcher, binding.slot
+        dispatcher, slot, router = binding.dispatcher, binding.slot, binding.router
         original = getattr(dispatcher, method)
-        timer = self
+        timer, gate = self, self.gate
+        forward_phase = f"{phase}_fwd"
 
         def timed(*args, **kwargs):
-            if not timer.should_time(binding):
+            # Untimed iterations: one attribute read. CUDA events cannot be recorded inside a
+            # graph capture: only eager calls of counted passes are timed.
+            if not timer.active or not gate.should_count(router) or gate.capturing():
                 return original(*args, **kwargs)
             start = timer.pool.take()
             if start is not None:
@@ -91,7 +111,7 @@ class DispatcherTimer(PhaseTimer):
                 timer.skipped += 1
                 return out
             end.record()
-            timer._pairs.append((slot, f"{phase}_fwd", start, end))
+            timer._pairs.append((slot, forward_phase, start, end))
             if timer.backward:
                 timer._time_backward(slot, phase, _first_tensor(args), _first_tensor(out))
             return out
@@ -127,18 +147,21 @@ class DispatcherTimer(PhaseTimer):
         inp.register_hook(on_input_grad)
 
     def step(self) -> None:
-        self.steps += 1
+        """After each iteration: count it if it was timed, and decide whether the next one is."""
+        self.sampled += int(self.active)
+        self._position += 1
+        self.active = self._position % self.every == 0
 
     def read_and_reset(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mean milliseconds per step for each phase, [len(rows)] in `rows` order (NaN where
-        a phase never ran). Synchronizes on the events: call only at a flush."""
+        """Mean milliseconds per timed iteration for each phase, [len(rows)] in `rows` order (NaN
+        where a phase never ran). Synchronizes on the events: call only at a flush."""
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(self.num_slots, dtype=torch.float64))
         seen: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(self.num_slots, dtype=torch.bool))
         for slot, phase, start, end in self._pairs:
             end.synchronize()
             totals[phase][slot] += start.elapsed_time(end)
             seen[phase][slot] = True
-        steps = max(self.steps, 1)
+        steps = max(self.sampled, 1)
         out = {}
         for phase in PHASES:
             if phase in totals:
@@ -148,10 +171,14 @@ class DispatcherTimer(PhaseTimer):
         if self.skipped:
             log.warning("moe-probe: dispatcher timing skipped %d calls this interval (event pool of %d full)",
                         self.skipped, self.pool.capacity)
+        out_meta = self.sampled
         self._pairs.clear()
         self.pool.reset()
         self.skipped = 0
-        self.steps = 0
+        self.sampled = 0
+        self._position = 0
+        self.active = True  # the next interval's first iteration is timed
+        self.last_sampled = out_meta
         return out
 
     def remove(self) -> None:

@@ -1,4 +1,4 @@
-"""The probe inside a training loop: `ProbeSession`, and `install()` for megatron.training.
+"""The probe in Megatron-LM's training loop: `install()` for megatron.training.
 
 Add the probe to a Megatron-LM pretraining script in two lines:
 
@@ -7,12 +7,13 @@ Add the probe to a Megatron-LM pretraining script in two lines:
     ... parse_and_validate_args(extra_args_provider=moe_probe.chain_args(my_provider))
 
 `install()` wraps three functions of megatron.training.training (checked on 0.19):
-`train` (start the probe before the first iteration and before any CUDA-graph
+`train` (open the session before the first iteration and before any CUDA-graph
 capture; flush what is left when training ends, close the writers), `train_step`
-(count the router calls of that iteration only; step the probe; flush every
+(count the router calls of that iteration only; step the session; flush every
 interval) and `save_checkpoint_and_time` (flush the partial interval before a
 checkpoint). With `--moe-probe` absent it does nothing. Nothing the probe does
-raises into training.
+raises into training. The session itself (hooks, accumulator, timers, writers) is
+session.py's, made by its one factory from the flags' ProbeSettings.
 
 The counting contract: every iteration `train_step` runs is counted once, in the
 record that reports it (`steps` = iterations whose tokens the record holds), from
@@ -22,6 +23,11 @@ Megatron skipped (loss scale, NaN) routed its tokens: it is counted and listed i
 the record's `meta.skipped_iterations`; if Megatron re-ran an iteration's
 forward/backward (its rerun state machine), only the last run is counted and the
 record's `meta.reruns` says how many were dropped.
+
+A stop request (`session.request_stop`, e.g. from an interval contributor's verdict) ends
+training at that iteration boundary: after the iteration's flush, the session is closed and
+train_step reports Megatron's own "should exit" (with a checkpoint when `--save` is set), so
+Megatron leaves its loop the way its exit-signal handler does, with exit code STOP_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -31,143 +37,12 @@ import logging
 import sys
 from typing import Any, Optional
 
-
 from megatron_moe_probe.megatron.flags import add_probe_args, chain_args, flags_without_probe, resolve  # noqa: F401
-from megatron_moe_probe.record import IntervalReport
+from megatron_moe_probe.session import ProbeSession, open_session
 
 log = logging.getLogger("megatron_moe_probe")
 
-
-# Observers (benchmarks, custom alerts): called with each new session / each report, on every rank.
-session_callbacks: list = []
-report_callbacks: list = []
-
-
-class ProbeSession:
-    """A probe attached to a model, plus writers and the interval clock.
-
-    Collective: `after_step` (on flush iterations), `flush` and `close` must be called
-    by every rank at the same iterations, as Megatron's train loop does. Writers live
-    on the last rank, where Megatron keeps its own TensorBoard and wandb writers.
-    """
-
-    def __init__(self, model_chunks, *, interval: int, writers=None, gpus_per_node: Optional[int] = None,
-                 history: Optional[int] = None, timing: bool | str | None = False,
-                 iterations: str = "counts", domains: Optional[list[str]] = None,
-                 dataset_to_domain: Optional[list[int]] = None):
-        from megatron_moe_probe.megatron.hooks import attach
-        from megatron_moe_probe.settings import ITERATION_MODES
-
-        if timing not in (None, False, True, "all", "forward"):
-            raise ValueError(f"timing must be off (None/False), True/'all' or 'forward', got {timing!r}")
-        if iterations not in ITERATION_MODES:
-            raise ValueError(f"iterations must be one of {', '.join(ITERATION_MODES)}, got {iterations!r}")
-        self.interval = interval
-        self.iterations = iterations
-        self.probe = attach(model_chunks, gpus_per_node=gpus_per_node, history_steps=history or interval,
-                            domains=domains, iteration_matrix=iterations == "matrix")
-        if domains and dataset_to_domain is not None:
-            self.probe.probe.set_domain_table(dataset_to_domain)
-        if timing:  # True / "all": forward and backward; "forward": forward only
-            self.probe.enable_timing(backward=timing != "forward")
-        self.writers = writers
-        self.reports_written = 0
-        self.last_report: Optional[IntervalReport] = None
-        self.alive = True
-        self._skipped: list[int] = []  # iterations of this interval whose update was skipped
-        self._reruns = 0  # forward/backward runs of this interval that were re-run and not counted
-
-    def start_step(self) -> None:
-        """Call before one training iteration's forward/backward: from now on only router calls
-        between start_step and after_step count (no evaluation, warm-up or capture passes)."""
-        if self.alive:
-            self.probe.open_step()
-
-    def restart_step(self) -> None:
-        """The iteration's forward/backward runs again (Megatron's rerun state machine): drop the
-        counts of the run before, so the iteration is counted once."""
-        if self.alive:
-            self.probe.probe.discard_current()
-            self._reruns += 1
-
-    @property
-    def domains(self) -> list[str]:
-        return self.probe.probe.domains
-
-    def set_batch_domains(self, dataset_ids, seq_length: int) -> None:
-        """Before a micro-batch's forward: its dataset id per sample (`batch["dataset_id"]` of
-        Megatron's BlendedDataset, shape [micro_batch]), and the sequence length. Device work
-        only (a lookup, a tile, one copy into a fixed buffer); a no-op without domains."""
-        if self.alive and self.probe.probe.domains and dataset_ids is not None:
-            self.probe.set_domain(dataset_ids, seq_length)
-
-    def after_step(self, iteration: int, skipped: bool = False) -> Optional[IntervalReport]:
-        """Call once per training iteration, with the number of completed iterations; `skipped`
-        when Megatron did not apply the update (the tokens were still routed, and are counted)."""
-        if not self.alive:
-            return None
-        try:
-            self.probe.close_step()
-            if skipped:
-                self._skipped.append(iteration)
-            self.probe.step()
-        except Exception as exc:  # never raise into training
-            self._die(exc)
-            return None
-        if iteration % self.interval == 0:
-            return self.flush(iteration)
-        return None
-
-    def flush(self, iteration: int) -> Optional[IntervalReport]:
-        """Reduce, summarize and write the interval so far (collective). No-op if empty."""
-        if not self.alive or self.probe.probe.steps_in_interval == 0:
-            return None
-        from megatron_moe_probe.summarize import build_report
-
-        try:
-            snap = self.probe.snapshot(step=iteration)  # the collective part
-        except Exception as exc:
-            self._die(exc)
-            return None
-        snap.meta.update(skipped_iterations=self._skipped, reruns=self._reruns)
-        self._skipped, self._reruns = [], 0
-        try:
-            report = build_report(snap, keep_iterations=self.iterations != "off")  # local: on failure skip this report but stay in step with
-        except Exception as exc:  # the other ranks, which will all-reduce again next interval
-            log.warning("moe-probe: could not summarize the interval ending at %d: %r", iteration, exc)
-            return None
-        if report.meta.get("ranks_failed"):
-            log.warning("moe-probe: %d rank(s) disabled their probe after an error; counts are incomplete",
-                        report.meta["ranks_failed"])
-        self.last_report = report
-        for callback in report_callbacks:
-            try:
-                callback(self, report)
-            except Exception as exc:
-                log.warning("moe-probe: a report callback failed: %r", exc)
-        if self.writers is not None:
-            self.writers.write(report)  # WriterSet isolates failing writers
-        self.reports_written += 1
-        return report
-
-    def close(self, iteration: Optional[int] = None) -> None:
-        if iteration is not None:
-            self.flush(iteration)
-        self.alive = False
-        try:
-            self.probe.detach()
-        except Exception as exc:
-            log.warning("moe-probe: detach failed: %r", exc)
-        if self.writers is not None:
-            self.writers.close()
-
-    def _die(self, exc: BaseException) -> None:
-        log.warning("moe-probe: stopped after an error (training continues): %r", exc)
-        self.alive = False
-        try:
-            self.probe.detach()
-        except Exception:
-            pass
+STOP_EXIT_CODE = 3  # the process's exit code when the probe asked training to stop
 
 
 # ---- megatron.training integration ------------------------------------------------------------
@@ -178,7 +53,6 @@ _state: dict[str, Any] = {"installed": False, "session": None, "failed_setup": F
 def _make_session(model) -> Optional[ProbeSession]:
     from megatron.training import get_args
 
-    from megatron_moe_probe.writers.base import make_writers
     from megatron_moe_probe.writers.meta import collect_run_meta
 
     args = get_args()
@@ -191,7 +65,7 @@ def _make_session(model) -> Optional[ProbeSession]:
     from megatron_moe_probe.megatron.hooks import group_rank_size
 
     rank, world = group_rank_size()
-    writer_rank = world - 1  # Megatron's TensorBoard/wandb writers live on the last rank
+    writer = rank == world - 1  # Megatron's TensorBoard/wandb writers live on the last rank
     try:
         from megatron.training.global_vars import get_tensorboard_writer
 
@@ -203,34 +77,16 @@ def _make_session(model) -> Optional[ProbeSession]:
     except ValueError as exc:  # a bad --moe-probe-domains: count without domains rather than not at all
         log.warning("moe-probe: per-domain counts off: %s", exc)
         domains, dataset_to_domain = [], []
-    session = ProbeSession(model, interval=settings.interval, gpus_per_node=settings.gpus_per_node,
-                           history=settings.history, timing=settings.timing, iterations=settings.iterations,
-                           domains=domains, dataset_to_domain=dataset_to_domain)
     meta = collect_run_meta(args, dispatcher=getattr(args, "moe_token_dispatcher_type", None),
                             extra={"probe": settings.to_dict(), "world_size": world,
                                    "domains": {"names": domains, "dataset_to_domain": dataset_to_domain,
                                                "datasets": blend_prefixes(args) if domains else []}})
-    out_dir = settings.out_dir
-    if rank == writer_rank and "local" in settings.writers:
-        # One run per folder: a resumed run (Megatron loaded iteration > 0) appends to its own
-        # folder; a fresh run never mixes its records into another run's (record.py decides).
-        from megatron_moe_probe.record import training_run_folder
-
-        try:
-            out_dir = str(training_run_folder(out_dir, resumed=(getattr(args, "iteration", 0) or 0) > 0))
-        except OSError as exc:
-            log.warning("moe-probe: cannot prepare %s (%s)", out_dir, exc.strerror or exc)
-        if out_dir != settings.out_dir:
-            meta["probe"]["out_dir"] = out_dir
-    session.writers = make_writers(
-        settings.writers, out_dir, meta, rank=0 if rank == writer_rank else 1,
-        heatmap_every=settings.heatmap_every, tensorboard_writer=tb,
-        wandb_project=getattr(args, "wandb_project", None),
-    )
-    if rank == writer_rank:
-        log.warning("moe-probe: on, every %d iterations, writers %s -> %s", settings.interval,
-                    ",".join(session.writers.names) or "none", out_dir)
-    return session
+    # One run per folder: a resumed run (Megatron loaded iteration > 0) appends to its own
+    # folder; a fresh run never mixes its records into another run's (record.py decides).
+    return open_session(model, settings, run_meta=meta, writer=writer,
+                        resumed=(getattr(args, "iteration", 0) or 0) > 0, domains=domains,
+                        dataset_to_domain=dataset_to_domain, tensorboard_writer=tb,
+                        wandb_project=getattr(args, "wandb_project", None), announce="")
 
 
 def blend_prefixes(args) -> Optional[list[str]]:
@@ -323,9 +179,6 @@ def _session_for(model) -> Optional[ProbeSession]:
     if _state["session"] is None and not _state["failed_setup"]:
         try:
             _state["session"] = _make_session(model)
-            if _state["session"] is not None:
-                for callback in session_callbacks:
-                    callback(_state["session"])
         except Exception as exc:  # a model without MoE layers, an unknown layout...: warn, train on
             _state["failed_setup"] = True
             log.warning("moe-probe: not started: %s", exc)
@@ -389,11 +242,13 @@ def install() -> None:
         try:
             out = original_step(forward_step_func, data_iterator, model, *args, **kwargs)
         except BaseException:
-            session.probe.close_step()
+            session.end_step_without_counting()
             raise
         iteration = kwargs.get("iteration")
-        done = (iteration + 1) if iteration is not None else session.probe.probe.step_number + 1
+        done = (iteration + 1) if iteration is not None else session.accumulator.step_number + 1
         session.after_step(done, skipped=_skipped(out))
+        if session.stop_requested is not None:
+            out = _stop(session, done, out)
         return out
 
     @functools.wraps(original_save)
@@ -414,7 +269,7 @@ def install() -> None:
         session = _state["session"]
         if session is not None:
             iteration = result[0] if isinstance(result, tuple) and result and isinstance(result[0], int) else None
-            session.close(iteration if iteration is not None else session.probe.probe.step_number)
+            session.close(iteration if iteration is not None else session.accumulator.step_number)
             _state["session"] = None
         return result
 
@@ -422,6 +277,22 @@ def install() -> None:
     mt.save_checkpoint_and_time = save_checkpoint_and_time
     mt.train = train
     _state.update(installed=True, originals=(original_step, original_save, original_train))
+
+
+def _stop(session: ProbeSession, iteration: int, out):
+    """Turn the session's stop request into Megatron's own exit at this iteration boundary: the
+    interval is flushed and the writers closed first (Megatron's exit path calls sys.exit inside
+    train(), after which nothing of ours would run)."""
+    log.warning("moe-probe: stopping training after iteration %d: %s", iteration, session.stop_requested)
+    session.close(iteration)
+    _state["session"] = None
+    _state["failed_setup"] = True  # no new session for the iterations Megatron may still run
+    if not (isinstance(out, tuple) and len(out) >= 5):
+        return out  # an unknown train_step: leave its result alone
+    from megatron.training import get_args
+
+    should_checkpoint = bool(out[2]) or bool(getattr(get_args(), "save", None))
+    return (out[0], out[1], should_checkpoint, True, STOP_EXIT_CODE, *out[5:])
 
 
 def uninstall() -> None:

@@ -361,7 +361,7 @@ def _reports(counts: _Counts, num_experts: int, ep: int, interval: int, matrix: 
     import torch
 
     from megatron_moe_probe import stats
-    from megatron_moe_probe.probe import Snapshot
+    from megatron_moe_probe.accumulator import Snapshot
     from megatron_moe_probe.summarize import build_report
 
     keys = sorted({k for _, k in counts.step_counts})

@@ -70,7 +70,7 @@ def _dist_version(names: Iterable[str], version_of: Callable[[str], str]) -> str
     return None
 
 
-def probe(
+def detect_backends(
     card: Card,
     importer: Importer = importlib.import_module,
     version_of: Callable[[str], str] = importlib.metadata.version,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.selection.availability import Availability, probe
+from megatron_moe_probe.selection.availability import Availability, detect_backends
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card, Measured, Rule, default_card
 
 Decision = Literal["forced", "ep-one", "bring-up", "measured-winner", "ab-decides"]
@@ -310,7 +310,7 @@ def evidence_rows(card: Card, q: Query) -> list[Measured]:
 def recommend(q: Query, card: Card | None = None, availability: Availability | None = None) -> Recommendation:
     card = card or default_card()
     validate_query(card, q)
-    availability = availability or probe(card)
+    availability = availability or detect_backends(card)
     hw = card.hardware_entry(q.hardware)
     hw_row = card.hardware_row(q.hardware)
     facts = {"nvl72": hw.nvl72, "ep_class": ep_class(card, q.ep, q.nvlink_domain)}

@@ -1,19 +1,18 @@
-"""RoutingProbe: device-side accumulators for MoE routing, read once per log interval.
+"""RoutingAccumulator: device-side routing counts, read once per log interval.
 
-No I/O and no Megatron imports: the Megatron adapter (megatron/hooks.py) calls
-`record_routing` / `record_capacity` from hooks, the training loop calls `step()`
-after each iteration, and `snapshot()` once per log interval. Everything on the
-hot path is an asynchronous device kernel (a sum and an add per MoE layer call);
-the only host synchronization is the one device->host copy inside `snapshot()`,
-after a single all-reduce of one flat int64 buffer.
+No I/O and no Megatron imports: the router hooks (megatron/hooks.py) call `add_routing_map` /
+`add_capacity_maps`, the session (session.py) calls `step()` after each iteration, and at a
+flush asks for `device_parts()` (the int64 tensors to sum over all ranks) and hands the reduced
+CPU copies back to `read()`, which builds the interval's `Snapshot`. Every hot-path call is one
+asynchronous device kernel (colsum.py); the only host synchronization is the session's one
+device->host copy per interval.
 
-CUDA graphs: router calls add into one fixed `[L, E]` buffer for the iteration in
-progress, whatever the iteration, and `step()` (eager, host side) moves it into
-the per-step history. So the hot-path kernels can be captured into a CUDA graph
-and replayed with no Python: every replay adds to the same buffer, and the step
-it belongs to is chosen outside the graph. Buffers are never reallocated, and a
-probe whose kernels were captured keeps them alive for the life of the process
-(a replay after detach would otherwise write into freed memory).
+CUDA graphs: router calls add into one fixed `[L, E]` buffer for the iteration in progress,
+whatever the iteration, and `step()` (eager, host side) moves it into the per-step history. So
+the hot-path kernel can be captured into a CUDA graph and replayed with no Python: every replay
+adds to the same buffer, and the step it belongs to is chosen outside the graph. Buffers are
+never reallocated, and an accumulator whose kernels were captured is kept alive for the life of
+the process (a replay after detach would otherwise write into freed memory).
 
 Counting rules (see docs/metrics.md):
 - counts are token->expert assignments made by the router, after capacity dropping
@@ -25,19 +24,17 @@ Counting rules (see docs/metrics.md):
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-log = logging.getLogger("megatron_moe_probe")
+from megatron_moe_probe import colsum, stats
 
 
 @dataclass(frozen=True)
-class ProbeLayout:
+class RankLayout:
     """What this rank needs to know to place its counts in the global picture."""
 
     num_layer_slots: int  # rows of the count buffers: every global layer number (+ MTP layers)
@@ -58,7 +55,7 @@ class ProbeLayout:
 
 @dataclass
 class Snapshot:
-    """One interval's global counts (CPU tensors), produced by `RoutingProbe.snapshot`."""
+    """One interval's global counts (CPU tensors), produced by a session's flush."""
 
     step: int
     steps: int  # iterations folded into the interval
@@ -77,11 +74,13 @@ class Snapshot:
     domain_tokens_per_expert: Optional[torch.Tensor] = None
     domains: list[str] = field(default_factory=list)
     timing_ms: dict[str, torch.Tensor] = field(default_factory=dict)  # phase -> [L] mean ms per step
+    # Interval contributors' results (session.IntervalContributor), one block per contributor name.
+    extras: dict = field(default_factory=dict)
     time: float = field(default_factory=time.time)
     meta: dict = field(default_factory=dict)
 
 
-class RoutingProbe:
+class RoutingAccumulator:
     """Accumulates routing counts on the device.
 
     history_steps bounds memory: per-step counts are kept for at most that many
@@ -91,11 +90,10 @@ class RoutingProbe:
 
     def __init__(
         self,
-        layout: ProbeLayout,
+        layout: RankLayout,
         device: torch.device | str = "cpu",
         history_steps: int = 100,
         track_capacity: bool = False,
-        reduce_group: Optional[dist.ProcessGroup] = None,
         domains: Optional[list[str]] = None,
         iteration_matrix: bool = False,
     ):
@@ -105,7 +103,6 @@ class RoutingProbe:
         self.device = torch.device(device)
         self.history_steps = history_steps
         self.track_capacity = track_capacity
-        self.reduce_group = reduce_group
         L, E = layout.num_layer_slots, layout.num_experts
         # One spare row: a flush that comes exactly when `history_steps` steps are recorded
         # (the usual case, history = interval) must still find them all in the history.
@@ -116,7 +113,9 @@ class RoutingProbe:
         self._current = torch.zeros(L, E, dtype=torch.long, device=self.device)
         self._current_rows = list(self._current.unbind(0))  # one view per layer, made once
         self._current_dropped = torch.zeros(L, E, dtype=torch.long, device=self.device) if track_capacity else None
+        self._current_dropped_rows = list(self._current_dropped.unbind(0)) if track_capacity else []
         self._present = torch.zeros(L, dtype=torch.long, device=self.device)  # which layers this rank owns
+        self._failed = torch.zeros(1, dtype=torch.long, device=self.device)
         self.iteration_matrix = iteration_matrix
         # Per-domain counts: [D, L, E] for the iteration in progress and for the interval. A token's
         # domain is read from `_token_domain` (fixed address, filled by set_sample_domains before
@@ -133,37 +132,35 @@ class RoutingProbe:
         self._steps = 0
         self._folds = 0
         self.step_number = 0
-        self.failed = False  # set by the adapter when a hook failed; counts may be incomplete
-        self.captured = False  # set by the adapter when hook kernels went into a CUDA graph
-        self.timers: list["PhaseTimer"] = []
-        # A dense class index per destination EP rank, used once per snapshot.
-        self._locality_onehot = torch.nn.functional.one_hot(
-            torch.tensor(layout.destination_locality, dtype=torch.long), 3
-        ).to(torch.long).to(self.device)
+        self.failed = False  # set when a hook failed on this rank; counts may be incomplete
+        self.captured = False  # set when hook kernels went into a CUDA graph
+        # The one-kernel Triton path, compiled and loaded now (before any graph capture).
+        self.use_triton = colsum.prepare(self.device)
+        # Dense class per destination EP rank (stats.locality_onehot), applied once per flush.
+        self._locality_onehot = stats.locality_onehot(layout.destination_locality).to(self.device)
 
-    # ---- hot path (called from hooks; device kernels only) ----------------------------------
+    # ---- hot path (called from hooks; one device kernel each) --------------------------------
 
     def register_layer(self, slot: int) -> None:
         self._present[slot] = 1
 
-    def record_routing(self, slot: int, routing_map: torch.Tensor) -> None:
+    def add_routing_map(self, slot: int, routing_map: torch.Tensor) -> None:
         """Add one router call's [tokens, experts] boolean map to layer `slot`."""
-        self._current_rows[slot].add_(routing_map.sum(0))
-        self._record_domains(slot, routing_map)
+        colsum.add_column_sums(self._current_rows[slot], routing_map, self.use_triton)
+        if self._current_domain is not None:
+            self._add_domains(slot, routing_map)
 
-    def record_counts(self, slot: int, kept_per_expert: torch.Tensor, dropped_per_expert: torch.Tensor,
-                      kept_map: Optional[torch.Tensor] = None) -> None:
-        """Add counts computed elsewhere (capacity path: tokens kept and dropped per expert;
-        `kept_map`, the [tokens, experts] map after dropping, for the per-domain split)."""
-        self._current_rows[slot].add_(kept_per_expert)
-        if self._current_dropped is not None:
-            self._current_dropped[slot].add_(dropped_per_expert)
-        if kept_map is not None:
-            self._record_domains(slot, kept_map)
+    def add_capacity_maps(self, slot: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Capacity path: the map before and after dropping. Kept = before & after is counted,
+        before & ~after goes to the dropped counts; padding (after & ~before) is not counted."""
+        colsum.add_kept_and_dropped(self._current_rows[slot], self._current_dropped_rows[slot], before, after,
+                                    self.use_triton)
+        if self._current_domain is not None:
+            self._add_domains(slot, before & after)
 
-    def _record_domains(self, slot: int, routing_map: torch.Tensor) -> None:
+    def _add_domains(self, slot: int, routing_map: torch.Tensor) -> None:
         """One scatter-add of the call's map into [domain, expert] rows, by each token's domain."""
-        if self._current_domain is None or self._token_domain is None:
+        if self._token_domain is None:
             return
         n = routing_map.shape[0]  # a shape, known on the host: no sync
         if n > self._token_domain.shape[0]:
@@ -176,7 +173,7 @@ class RoutingProbe:
     def set_domain_table(self, dataset_to_domain: list[int]) -> None:
         """Which domain each dataset id of the blend belongs to (index into `domains`)."""
         if not self.domains:
-            raise ValueError("this probe counts no domains (made without `domains`)")
+            raise ValueError("this accumulator counts no domains (made without `domains`)")
         bad = [d for d in dataset_to_domain if not 0 <= d < len(self.domains)]
         if bad:
             raise ValueError(f"domain index {bad[0]} outside 0..{len(self.domains) - 1}")
@@ -236,11 +233,11 @@ class RoutingProbe:
     def steps_in_interval(self) -> int:
         return self._steps
 
-    # ---- once per interval -------------------------------------------------------------------
+    # ---- once per interval: device parts to reduce, then the snapshot -------------------------
 
-    def snapshot(self, step: Optional[int] = None) -> Snapshot:
-        """Reduce over all ranks, copy to the host once, reset the interval. Collective:
-        every rank of `reduce_group` must call it at the same iteration."""
+    def device_parts(self) -> list[torch.Tensor]:
+        """This rank's interval as 1-D int64 device tensors, to be summed over all ranks (the
+        session concatenates them with its contributors' parts into one all-reduce)."""
         lay = self.layout
         L, E, EP = lay.num_layer_slots, lay.num_experts, lay.ep_size
         kept = self._slot  # rows of history that belong to steps after the last fold
@@ -252,37 +249,32 @@ class RoutingProbe:
         # Elementwise, not a matmul: CUDA has no int64 matmul, and these counts must stay exact.
         locality = (per_destination.unsqueeze(-1) * self._locality_onehot).sum(-2)  # [L, 3]
         parts = [hist.reshape(-1), source.reshape(-1), locality.reshape(-1)]
-        dropped = self._dropped
-        if dropped is not None:
+        if self._dropped is not None:
             dropped_source = torch.zeros(L, EP, E, dtype=torch.long, device=self.device)
-            dropped_source[:, lay.ep_rank] = dropped
+            dropped_source[:, lay.ep_rank] = self._dropped
             parts.append(dropped_source.reshape(-1))
-        sizes = [kept * L * E, L * EP * E, L * 3] + ([L * EP * E] if dropped is not None else [])
         if self.iteration_matrix:
             # This rank's per-iteration sends per destination rank, in its own source row.
             step_source = torch.zeros(kept, L, EP, EP, dtype=torch.long, device=self.device)
             step_source[:, :, lay.ep_rank] = hist.view(kept, L, EP, E // EP).sum(-1)
             parts.append(step_source.reshape(-1))
-            sizes.append(kept * L * EP * EP)
-        D = len(self.domains)
-        if D:
+        if self.domains:
             parts.append(self._domain.reshape(-1))
-            sizes.append(D * L * E)
-        failed = torch.tensor([int(self.failed)], dtype=torch.long, device=self.device)
-        flat = torch.cat(parts + [self._present, failed])
-        if lay.count_weight == 0:
-            flat[: -L - 1].zero_()  # duplicate tokens (TP without SP): report layer ownership only
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat, group=self.reduce_group)
-        flat = flat.cpu()  # the one device->host copy of the interval
+        if lay.count_weight == 0:  # duplicate tokens (TP without SP): report layer ownership only
+            parts = [torch.zeros_like(p) for p in parts]
+        self._failed.fill_(int(self.failed))
+        return parts + [self._present, self._failed]
 
-        sizes += [L, 1]
-        chunks = [flat[a:b] for a, b in _split_sizes(sizes)]
-        hist_g = chunks[0].view(kept, L, E)
-        source_g = chunks[1].view(L, EP, E)
-        locality_g = chunks[2].view(L, 3)
-        present = chunks[-2] > 0
-        ranks_failed = int(chunks[-1][0])
+    def read(self, reduced: list[torch.Tensor], step: Optional[int] = None) -> Snapshot:
+        """The Snapshot from the all-reduced CPU copies of `device_parts()` (same order)."""
+        lay = self.layout
+        L, E, EP = lay.num_layer_slots, lay.num_experts, lay.ep_size
+        kept = self._slot
+        hist_g = reduced[0].view(kept, L, E)
+        source_g = reduced[1].view(L, EP, E)
+        locality_g = reduced[2].view(L, 3)
+        present = reduced[-2] > 0
+        ranks_failed = int(reduced[-1][0])
         rows = present.nonzero().flatten()
         snap = Snapshot(
             step=self.step_number if step is None else step,
@@ -296,28 +288,26 @@ class RoutingProbe:
             locality=locality_g[rows],
             meta={"history_folded": self._folds > 0, "steps_in_history": kept, "ranks_failed": ranks_failed},
         )
-        if dropped is not None:
-            dropped_g = chunks[3].view(L, EP, E)[rows]
+        at = 3
+        if self._dropped is not None:
+            dropped_g = reduced[at].view(L, EP, E)[rows]
             snap.dropped_per_expert = dropped_g.sum(1)
             snap.dropped_per_source = dropped_g.sum(2)
-        at = 3 + (dropped is not None)
-        if self.iteration_matrix:
-            snap.step_rank_matrix = chunks[at].view(kept, L, EP, EP)[:, rows]
             at += 1
-        if D:
-            snap.domain_tokens_per_expert = chunks[at].view(D, L, E)[:, rows]
+        if self.iteration_matrix:
+            snap.step_rank_matrix = reduced[at].view(kept, L, EP, EP)[:, rows]
+            at += 1
+        if self.domains:
+            snap.domain_tokens_per_expert = reduced[at].view(len(self.domains), L, E)[:, rows]
             snap.domains = list(self.domains)
             # Assignments no domain received (micro-batches that set no domains): 0 when every
             # micro-batch set its domains. Host arithmetic on the copied buffer, no extra sync.
             snap.meta["domain_unlabelled"] = int(snap.tokens_per_expert.sum() - snap.domain_tokens_per_expert.sum())
             if self.domain_tokens_unlabelled:
                 snap.meta["domain_buffer_too_small"] = True
-        for timer in self.timers:
-            snap.timing_ms.update(timer.read_and_reset(rows))
-        self._reset()
         return snap
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self._history.zero_()
         self._folded.zero_()
         if self._dropped is not None:
@@ -327,19 +317,3 @@ class RoutingProbe:
         self._slot = 0
         self._steps = 0
         self._folds = 0
-
-
-def _split_sizes(sizes: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for s in sizes:
-        out.append((start, start + s))
-        start += s
-    return out
-
-
-class PhaseTimer:
-    """Interface for timers that contribute `timing_ms` to a snapshot (see megatron/timing.py)."""
-
-    def read_and_reset(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
