@@ -33,8 +33,8 @@ def _size(v: dict) -> str:
 
 def violation_line(block: Optional[dict], last_iteration: int, iterations: int) -> Optional[str]:
     """One line for the console and the alert, or None for a clean interval."""
-    if not block or block.get("ok", True):
-        return None
+    if not block or block.get("ok", True) or block.get("incomplete"):
+        return None  # clean, or a rank stopped counting (already warned about): no alarm
     v = block["violations"][0]
     where = f"layer {v['layer']}"
     if v.get("expert") is not None:

@@ -8,13 +8,13 @@ calls that move the rows between ranks), runs one interval and returns the verdi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
 import megatron_jobs as jobs
 from megatron_moe_probe.cpu import cluster as cc
-from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
-from megatron_moe_probe.megatron.hooks import attach
 
 FAULTS = ("drop", "duplicate", "misroute", "bitflip")
 
@@ -88,31 +88,34 @@ def inject_count(dispatcher) -> None:
     dispatcher.__dict__["dispatch_postprocess"] = faulty
 
 
-def run_interval(probe, check, model, cfg, rank: int, steps: int, microbatches: int = 1, start: int = 0):
-    """`steps` iterations of `microbatches` micro-batches each, then the interval's all-reduce."""
+def exchange_check(session, **changes):
+    """Add a dispatch integrity check to a session opened with integrity off (after any fault was
+    put in, so the check's hooks sit outside the fault), as the session's factory would."""
+    from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
+
+    settings = replace(session.settings, integrity=changes.pop("mode", "fail"))
+    check = next(c for c in session.hooks.make_checks(session.gate, settings, request_stop=session.request_stop,
+                                                      announce=True) if isinstance(c, ExchangeCheck))
+    for name, value in changes.items():
+        setattr(check, name, value)
+    session.add_contributor(check)
+    return check
+
+
+def run_interval(session, model, cfg, rank: int, steps: int, microbatches: int = 1, start: int = 0) -> dict:
+    """`steps` iterations of `microbatches` micro-batches each, then the interval's flush
+    (the session's one all-reduce); the integrity block plus the stop requests it caused."""
     for step in range(start, start + steps):
-        probe.open_step()
+        session.start_step()
         for mb in range(microbatches):
             cc.forward_backward(model, jobs.batch(cfg, rank, 10 * step + mb))
-        probe.close_step()
-        probe.step()
-        check.step()
-    parts = [p.clone() for p in check.device_parts()]
-    for p in parts:
-        dist.all_reduce(p)
-    snap = type("Snap", (), {"step": start + steps, "steps": steps})()
-    verdict = check.read(parts, snap)
-    check.reset()
-    return verdict.to_dict()
-
-
-def make_check(probe, **kwargs) -> ExchangeCheck:
-    layout = probe.layout
-    check = ExchangeCheck(probe._should_count, num_slots=layout.num_layer_slots,
-                          num_experts=layout.num_experts, ep_size=layout.ep_size,
-                          device=torch.device("cpu"), **kwargs)
-    check.attach(probe.bindings)
-    return check
+        session.gate.close_step()
+        session.step()
+    snap = session.snapshot(step=start + steps)
+    out = dict(snap.extras["integrity"])
+    out["stops"] = [session.stop_requested] if session.stop_requested else []
+    session.stop_requested = None
+    return out
 
 
 def faults(rank, world, cfg, cases, steps=2):
@@ -123,62 +126,53 @@ def faults(rank, world, cfg, cases, steps=2):
     for case in cases:
         jobs._reseed(cfg)
         model = cc.build_model(cfg)
-        probe = attach([model])
+        session = jobs.attach([model], integrity="off")
         if case is not None:
             phase, fault, slot, where = case
-            binding = next(b for b in probe.bindings if b.slot == slot)
+            binding = next(b for b in session.bindings if b.slot == slot)
             if rank == where:
                 if fault == "count":
                     inject_count(binding.dispatcher)
                 else:
                     inject(binding.dispatcher, phase, fault, [0])
-        stops: list[str] = []  # --moe-probe-integrity fail: every rank must ask to stop, or none
-        check = make_check(probe, mode="fail", request_stop=stops.append, announce=rank == world - 1)
-        out[case] = run_interval(probe, check, model, cfg, rank, steps)
-        out[case]["stops"] = stops
-        check.detach()
-        probe.detach()
+        exchange_check(session)
+        out[case] = run_interval(session, model, cfg, rank, steps)
+        session.detach()
     return out
 
 
 def clean_variants(rank, world, cfg, variants: dict, steps=2):
-    """{key: verdicts of two intervals} for config variants without faults; the second interval
-    runs with the payload check sampled every 2 iterations and 2 micro-batches per iteration."""
+    """{key: verdicts of two intervals} for config variants without faults, through the session
+    as the factory makes it (integrity on); the second interval runs with the payload check
+    sampled every 2 iterations and 2 micro-batches per iteration."""
+    from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
+
     cc.init_parallel(cfg)
     out = {}
     for key, changes in variants.items():
         c = cfg.with_(**changes)
         jobs._reseed(c)
         model = cc.build_model(c)
-        probe = attach([model])
-        check = make_check(probe)
-        first = run_interval(probe, check, model, c, rank, steps)
-        check.detach()
-        check = make_check(probe, payload_every=2)
-        second = run_interval(probe, check, model, c, rank, 3, microbatches=2, start=steps)
-        check.detach()
-        probe.detach()
+        session = jobs.attach([model], integrity="fail")
+        first = run_interval(session, model, c, rank, steps)
+        next(x for x in session.contributors if isinstance(x, ExchangeCheck)).payload_every = 2
+        second = run_interval(session, model, c, rank, 3, microbatches=2, start=steps)
+        session.detach()
         out[key] = (first, second)
     return out
 
 
 def router_health(rank, world, cfg, steps=2):
-    """The router-health block of one interval, plus every counted router call's own logits and
-    routing map (recorded by a wrapper outside the contributor's) and each layer's expert bias,
-    for a numpy recomputation in the test."""
-    from megatron_moe_probe.megatron.router_watch import RouterHealth
-
+    """The router-health block of one interval (the session's own contributor), plus every
+    counted router call's own logits and routing map (recorded by a wrapper outside the
+    contributor's) and each layer's expert bias, for a numpy recomputation in the test."""
     cc.init_parallel(cfg)
     jobs._reseed(cfg)
     model = cc.build_model(cfg)
-    probe = attach([model])
-    health = RouterHealth(probe._should_count, num_slots=probe.layout.num_layer_slots,
-                          num_experts=probe.layout.num_experts, device=torch.device("cpu"),
-                          weight=probe.layout.count_weight)
-    health.attach(probe.bindings)
+    session = jobs.attach([model], integrity="off")
     calls, biases = [], {}
     g = torch.Generator().manual_seed(7)  # the same bias on every rank, as Megatron keeps it
-    for b in probe.bindings:
+    for b in session.bindings:
         if getattr(b.router, "expert_bias", None) is not None:
             b.router.expert_bias.copy_(torch.randn(cfg.num_experts, generator=g) * 0.1)
             biases[b.slot] = b.router.expert_bias.tolist()
@@ -186,20 +180,66 @@ def router_health(rank, world, cfg, steps=2):
 
         def outer(logits, *a, _inner=inner, _b=b, **k):
             probs, routing_map = _inner(logits, *a, **k)
-            if probe._should_count(_b.router):
+            if session.gate.should_count(_b.router):
                 calls.append((_b.slot, logits.detach().reshape(-1, cfg.num_experts).double().numpy(),
                               routing_map.numpy().copy()))
             return probs, routing_map
 
         b.router.__dict__["routing"] = outer
     for step in range(steps):
-        probe.open_step()
+        session.start_step()
         cc.forward_backward(model, jobs.batch(cfg, rank, step))
-        probe.close_step()
-        probe.step()
-    parts = [p.clone() for p in health.device_parts()]
-    for p in parts:
-        dist.all_reduce(p)
-    snap = type("Snap", (), {})()
-    block = health.read(parts, snap)
+        session.gate.close_step()
+        session.step()
+    block = session.snapshot(step=steps).extras["router_health"]
     return {"block": block, "calls": calls, "biases": biases, "topk": cfg.topk}
+
+
+def session_with_fault(rank, world, cfg, out_dir, steps, interval, fault_at, mode="fail"):
+    """A training loop on the session (as the demo drives it) with `--moe-probe-integrity MODE`:
+    one bit flipped in what token_dispatch hands on in layer 2 on rank 0 in iteration
+    `fault_at` (0: none). Returns the iterations run, the stop reason and the logged errors."""
+    import logging
+
+    from megatron_moe_probe.session import open_session
+    from megatron_moe_probe.settings import ProbeSettings
+
+    errors: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage())
+
+    logging.getLogger("megatron_moe_probe").addHandler(Catch())
+    cc.init_parallel(cfg)
+    jobs._reseed(cfg)
+    model = cc.build_model(cfg)
+    settings = ProbeSettings.create(interval, writers=["local"], out_dir=out_dir, gpus_per_node=1, integrity=mode)
+    session = open_session([model], settings, run_meta={"test": True}, writer=rank == world - 1)
+    iteration = [0]
+    if fault_at and rank == 0:
+        binding = next(b for b in session.bindings if b.slot == 1)
+        original = binding.dispatcher.token_dispatch
+
+        def faulty(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if iteration[0] == fault_at and torch.is_grad_enabled():
+                return (corrupt(out[0], "bitflip"), *out[1:])
+            return out
+
+        binding.dispatcher.__dict__["token_dispatch"] = faulty
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    it = 0
+    for it in range(1, steps + 1):
+        iteration[0] = it
+        optimizer.zero_grad()
+        session.start_step()
+        cc.forward_backward(model, jobs.batch(cfg, rank, it))
+        cc.allreduce_gradients(model)
+        optimizer.step()
+        session.after_step(it)
+        if session.stop_requested is not None:
+            break
+    session.close(it)
+    return {"iterations": it, "stop": session.stop_requested, "errors": errors}

@@ -142,3 +142,29 @@ def test_clean_two_rank_layouts_never_alarm():
                          ids=["ep4", "tp2xep2_sp"])
 def test_clean_four_rank_layouts_never_alarm(cfg):
     _assert_clean(run_ranks(ij.clean_variants, 4, cfg, {"plain": {}}), cfg.num_layers, 4)
+
+
+def test_session_fail_mode_stops_at_the_interval_that_saw_the_fault(tmp_path):
+    """Through open_session (the path install(), the Bridge callback and the demo share): the
+    record of the faulty interval carries the violation, the one before it is clean, the loop
+    stops at that interval's last iteration on every rank, one rank logs one line; router
+    health's per-layer statistics are in the record's per-layer rows."""
+    from megatron_moe_probe.record import load_run
+
+    out = tmp_path / "run"
+    results = run_ranks(ij.session_with_fault, 2, BASE, str(out), 8, 2, 3)
+    assert [r["iterations"] for r in results] == [4, 4]  # fault in iteration 3, flushed (and stopped) at 4
+    assert all(r["stop"] and "layer 2" in r["stop"] for r in results)
+    logged = [e for r in results for e in r["errors"] if "DISPATCH INTEGRITY VIOLATION" in e]
+    assert len(logged) == 1 and "iterations 3-4" in logged[0] and "layer 2" in logged[0]
+    _meta, reports = load_run(out)
+    assert [r.step for r in reports] == [2, 4]
+    first, second = (r.meta["extras"]["integrity"] for r in reports)
+    assert first["ok"] and first["count_calls"] == 2 * 2 * BASE.num_layers
+    assert not second["ok"] and {v["layer"] for v in second["violations"]} == {2}
+    assert reports[1].scalars()["moe/integrity/violations"] == second["violation_count"]
+    for report in reports:
+        for row in report.per_layer:
+            assert row["maxvio"] == pytest.approx(row["max_over_mean"] - 1)
+            assert row["tpe_max"] == max(report.tokens_per_expert[report.per_layer.index(row)])
+        assert "moe/all/maxvio_worst_layer" in report.scalars()

@@ -117,6 +117,10 @@ class ExchangeCheck:
         if extras is None:
             extras = snapshot.extras = {}
         block = extras[self.name] = verdict.to_dict()
+        meta = getattr(snapshot, "meta", None) or {}
+        if meta.get("ranks_failed"):  # a rank stopped counting mid-interval: its sides are missing
+            block["incomplete"] = True
+            return verdict
         line = integrity_report.violation_line(block, int(getattr(snapshot, "step", 0) or 0),
                                                int(getattr(snapshot, "steps", 0) or 0))
         if line and self.mode != "off":
