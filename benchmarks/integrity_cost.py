@@ -12,9 +12,8 @@ the median over `--repeats` samples, all in one process; beside them, a dense pr
 same layer's expert GEMMs (fc1 2048x1536 and fc2 768x2048 over 32768 rows, forward only).
 
 train: the real training path (`moe-probe train`'s worker: Megatron's pretrain -> train ->
-train_step, the probe on), once clean and once with one bit flipped in the rows
-`token_dispatch` hands on in one layer of one iteration, with the integrity check and router
-health attached through the session's callbacks. Writes DIR/integrity_train.json with each
+train_step, the probe on with its default `--moe-probe-integrity warn`), once clean and once
+with one bit flipped in the rows `token_dispatch` hands on in one layer of one iteration. Writes DIR/integrity_train.json with each
 interval's verdict; prints one line per run.
 """
 
@@ -126,28 +125,23 @@ def micro(out: str, repeats: int, calls: int) -> dict:
 # ---- train: the real training path, clean and with one fault ------------------------------------
 
 def worker(out: str, fault: str, megatron_argv: list[str]) -> int:
-    """One training process: integrity + router health hung on the session by its callbacks
-    (every rank reduces their parts at each report), an optional fault LAYER:ITERATION."""
+    """One training process on the production path: the session that install() opens carries the
+    integrity check and router health (`--moe-probe-integrity warn`, the default); this adds an
+    optional fault LAYER:ITERATION and keeps each report's blocks."""
     import torch
     import torch.distributed as dist
 
-    from megatron_moe_probe.megatron import launch, training
-    from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
-    from megatron_moe_probe.megatron.router_watch import RouterHealth
+    from megatron_moe_probe import session as probe_session
+    from megatron_moe_probe.megatron import launch
 
     records, state = [], {}
 
     def on_session(session):
-        probe = session.probe
-        layout, device = probe.layout, probe.probe.device
-        gate = probe._should_count
-        check = ExchangeCheck(gate, num_slots=layout.num_layer_slots, num_experts=layout.num_experts,
-                              ep_size=layout.ep_size, device=device)
-        health = RouterHealth(gate, num_slots=layout.num_layer_slots, num_experts=layout.num_experts,
-                              device=device, weight=layout.count_weight)
+        check = next(c for c in session.contributors if c.name == "integrity")
+        state["check"] = check
         if fault:
             layer, iteration = (int(x) for x in fault.split(":"))
-            binding = next(b for b in probe.bindings if b.slot == layer - 1)
+            binding = next(b for b in session.bindings if b.slot == layer - 1)
             original = binding.dispatcher.token_dispatch
 
             def faulty(*args, **kwargs):
@@ -160,36 +154,18 @@ def worker(out: str, fault: str, megatron_argv: list[str]) -> int:
                 return out
 
             binding.dispatcher.__dict__["token_dispatch"] = faulty
-        check.attach(probe.bindings)
-        health.attach(probe.bindings)
-        after_step = session.after_step
-
-        def counted_after_step(iteration, skipped=False):
-            check.step()
-            return after_step(iteration, skipped)
-
-        session.after_step = counted_after_step
-        state.update(check=check, health=health)
 
     def on_report(session, report):
-        check, health = state["check"], state["health"]
-        reduced = []
-        for c in (check, health):
-            parts = [p.clone() for p in c.device_parts()]
-            for p in parts:
-                dist.all_reduce(p)
-            reduced.append([p.cpu() for p in parts])
-        snap = SimpleNamespace()
-        verdict = check.read(reduced[0], snap)
-        block = health.read(reduced[1], snap)
-        check.reset()
-        health.reset()
-        records.append({"step": report.step, "steps": report.steps, "integrity": verdict.to_dict(),
-                        "router_health": {"per_layer": block["per_layer"], "across_layers": block["across_layers"]},
+        extras = report.meta.get("extras", {})
+        records.append({"step": report.step, "steps": report.steps, "integrity": extras.get("integrity"),
+                        "router_health": extras.get("router_health"),
+                        "per_layer": [{k: row.get(k) for k in ("maxvio", "score_entropy", "topk_margin",
+                                                                 "aux_load_tv", "tpe_p50", "tpe_max")}
+                                      for row in report.per_layer],
                         "probe_tokens": sum(map(sum, report.tokens_per_expert))})
 
-    training.session_callbacks.append(on_session)
-    training.report_callbacks.append(on_report)
+    probe_session.session_callbacks.append(on_session)
+    probe_session.report_callbacks.append(on_report)
     code = launch.main(megatron_argv)
     if not dist.is_initialized() or dist.get_rank() == 0:
         with open(out, "w") as f:
@@ -219,7 +195,8 @@ def train(out: str, recipe: str, iters: int, interval: int, fault_at: str, timeo
         caught = [(r["step"], v["check"], v["layer"], v["expert"]) for r in records
                   for v in r["integrity"]["violations"]]
         print(f"{name}: rc {rc}, {len(records)} records, calls checked "
-              f"{sum(r['integrity']['count_calls'] for r in records)}, violations {caught or 'none'}")
+              f"{sum(r['integrity']['count_calls'] for r in records)}, payload-checked "
+              f"{sum(r['integrity']['payload_calls'] for r in records)}, violations {caught or 'none'}")
     with open(os.path.join(out, "integrity_train.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     return results
