@@ -41,6 +41,22 @@ def _median_ci(values: list[float]) -> dict:
     return {"median": statistics.median(v), "ci95": [v[lo], v[hi]], "n": n}
 
 
+def _aten_ops(fn) -> int:
+    """ATen operators one call issues (each a kernel launch or a host-side tensor op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def micro(out: str, repeats: int, calls: int) -> dict:
     import torch
 
@@ -87,6 +103,7 @@ def micro(out: str, repeats: int, calls: int) -> dict:
         "expert_gemms_forward_proxy": experts_proxy,
     }
     cuda = dev.type == "cuda"
+    ops = {name: _aten_ops(fn) for name, fn in variants.items()}  # also warms the weight cache
     for fn in variants.values():  # warm-up: weights cached, kernels loaded
         for _ in range(3):
             fn()
@@ -113,11 +130,12 @@ def micro(out: str, repeats: int, calls: int) -> dict:
         "shape": {"tokens": T, "hidden": H, "experts": E, "topk": K, "dtype": "bf16", "rows": T * K},
         "repeats": repeats, "calls_per_sample": calls,
         "per_layer_call": {name: {k: _median_ci(v) for k, v in s.items() if v} for name, s in samples.items()},
+        "aten_ops_per_layer_call": ops,
     }
     with open(os.path.join(out, "integrity_micro.json"), "w") as f:
         json.dump(result, f, indent=1)
     for name, stats in result["per_layer_call"].items():
-        print(f"{name:28s} host {stats['host_us']['median']:8.1f} us"
+        print(f"{name:28s} {ops[name]:3d} aten ops   host {stats['host_us']['median']:8.1f} us"
               + (f"   gpu {stats['gpu_us']['median']:8.1f} us" if "gpu_us" in stats else ""))
     return result
 

@@ -13,8 +13,11 @@ router's `routing`). Definitions in docs/metrics.md ("Router health"). Per layer
   correlation with the assigned load;
 - tokens per expert: min, p50, p90, p99, max, std, and maxvio = max / mean - 1.
 
-Every sum is a float64 or int64 device buffer added to in place (capture safe: fixed buffers,
-no host sync); the interval's one all-reduce sums them over ranks.
+The score statistics are sums over the router calls of sampled iterations (every N-th; a
+statistic of the scores, not a count, so a sample estimates it); the tokens-per-expert
+statistics come from the probe's exact interval counts. Every sum is a float64 or int64
+device buffer added to in place (capture safe: fixed buffers, no host sync); the interval's
+one all-reduce sums them over ranks.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class RouterHealthAccumulator:
         dist = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20) if score_function == "sigmoid" else scores
         f = self.f
         f["score_sum"][slot] += dist.sum(0, dtype=torch.float64)
-        f["entropy_sum"][slot] += -(dist * dist.clamp_min(1e-30).log()).sum(dtype=torch.float64)
+        f["entropy_sum"][slot] += torch.special.entr(dist).sum(dtype=torch.float64)
         if topk < E:
             selection = scores + expert_bias.float() if expert_bias is not None else scores
             top = selection.topk(topk + 1, dim=-1, sorted=True).values
@@ -105,7 +108,7 @@ def count_stats(load: torch.Tensor) -> dict[str, float]:
 
 
 def summarize(floats: torch.Tensor, ints: torch.Tensor, acc: RouterHealthAccumulator,
-              slots: list[int]) -> dict:
+              slots: list[int], counts: dict[int, torch.Tensor] | None = None) -> dict:
     """The reduced sums (CPU) -> {"layers": [1-based layer numbers], "per_layer": [{stat: value}
     per layer], "per_expert": {name: [[value per expert] per layer]}, "across_layers": {stat:
     {min, p50, p90, max, worst_layer}}} for the layers in `slots` (0-based)."""
@@ -115,14 +118,16 @@ def summarize(floats: torch.Tensor, ints: torch.Tensor, acc: RouterHealthAccumul
     for slot in slots:
         tokens = int(i["tokens"][slot])
         load = i["load"][slot].to(torch.float64)
+        exact = counts[slot].to(torch.float64) if counts and slot in counts else load
         row = {name: math.nan for name in LAYER_STATS}
+        if float(exact.sum()):
+            row.update(count_stats(exact))
         if tokens:
             row["score_entropy"] = float(f["entropy_sum"][slot]) / tokens
             row["topk_margin"] = float(f["margin_sum"][slot]) / tokens
             p_aux = f["score_sum"][slot] / float(f["score_sum"][slot].sum())
             p_act = load / float(load.sum()) if float(load.sum()) else torch.zeros_like(load)
             row["aux_load_tv"] = 0.5 * float((p_aux - p_act).abs().sum())
-            row.update(count_stats(load))
             aux_load.append(p_aux.tolist())
         else:
             aux_load.append([])
@@ -130,7 +135,7 @@ def summarize(floats: torch.Tensor, ints: torch.Tensor, acc: RouterHealthAccumul
         if ranks:
             b = f["bias_sum"][slot] / ranks
             bias.append(b.tolist())
-            row["bias_load_corr"] = _pearson(b, load)
+            row["bias_load_corr"] = _pearson(b, exact)
         else:
             bias.append([])
         per_layer[slot + 1] = row

@@ -152,17 +152,20 @@ def test_session_fail_mode_stops_at_the_interval_that_saw_the_fault(tmp_path):
     from megatron_moe_probe.record import load_run
 
     out = tmp_path / "run"
-    results = run_ranks(ij.session_with_fault, 2, BASE, str(out), 8, 2, 3)
-    assert [r["iterations"] for r in results] == [4, 4]  # fault in iteration 3, flushed (and stopped) at 4
+    # the payload check samples iterations 1, 9, 17, ... (every 8): the bit flip is in iteration 9
+    results = run_ranks(ij.session_with_fault, 2, BASE, str(out), 16, 4, 9)
+    assert [r["iterations"] for r in results] == [12, 12]  # flushed (and stopped) at the end of its interval
     assert all(r["stop"] and "layer 2" in r["stop"] for r in results)
     logged = [e for r in results for e in r["errors"] if "DISPATCH INTEGRITY VIOLATION" in e]
-    assert len(logged) == 1 and "iterations 3-4" in logged[0] and "layer 2" in logged[0]
+    assert len(logged) == 1 and "iterations 9-12" in logged[0] and "layer 2" in logged[0]
     _meta, reports = load_run(out)
-    assert [r.step for r in reports] == [2, 4]
-    first, second = (r.meta["extras"]["integrity"] for r in reports)
-    assert first["ok"] and first["count_calls"] == 2 * 2 * BASE.num_layers
-    assert not second["ok"] and {v["layer"] for v in second["violations"]} == {2}
-    assert reports[1].scalars()["moe/integrity/violations"] == second["violation_count"]
+    assert [r.step for r in reports] == [4, 8, 12]
+    first, _, last = (r.meta["extras"]["integrity"] for r in reports)
+    assert first["ok"] and first["count_calls"] == 2 * 4 * BASE.num_layers
+    assert first["payload_every"] == 8 and first["payload_calls"] == 2 * 1 * BASE.num_layers
+    assert not last["ok"] and {v["layer"] for v in last["violations"]} == {2}
+    assert reports[2].scalars()["moe/integrity/violations"] == last["violation_count"]
+    assert reports[0].scalars()["moe/integrity/violations"] == 0
     for report in reports:
         for row in report.per_layer:
             assert row["maxvio"] == pytest.approx(row["max_over_mean"] - 1)

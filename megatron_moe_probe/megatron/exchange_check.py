@@ -35,7 +35,9 @@ from megatron_moe_probe.integrity import IntegrityAccumulator, row_fingerprints,
 log = logging.getLogger("megatron_moe_probe")
 
 MODES = ("off", "warn", "fail")
-DEFAULT_PAYLOAD_EVERY = 1
+# The payload check costs ~50 ATen ops per layer forward (benchmarks/integrity_cost.py): sampled on
+# iterations 0, N, 2N, ... since attach; the count check runs on every iteration.
+DEFAULT_PAYLOAD_EVERY = 8
 _METHODS = ("dispatch_preprocess", "dispatch_postprocess", "combine_preprocess", "combine_postprocess")
 
 

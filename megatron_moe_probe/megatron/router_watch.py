@@ -22,15 +22,24 @@ from megatron_moe_probe.router_health import RouterHealthAccumulator
 log = logging.getLogger("megatron_moe_probe")
 
 
+DEFAULT_EVERY = 8  # score statistics on one iteration in N (the counts behind tpe_* are exact)
+
+
 class RouterHealth:
     name = "router_health"
 
     def __init__(self, gate: Callable[[object], bool], *, num_slots: int, num_experts: int,
-                 device: torch.device, weight: int = 1):
+                 device: torch.device, weight: int = 1, every: int = DEFAULT_EVERY):
         """weight 0: this rank's routers see a copy of another rank's tokens (TP without
-        sequence parallelism), so it adds nothing but the expert bias."""
+        sequence parallelism), so it adds nothing but the expert bias. every: the score
+        statistics sample iterations 0, N, 2N, ... since attach."""
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
         self.gate = gate
         self.weight = weight
+        self.every = every
+        self.iteration = 0
+        self.sampled = 0  # iterations sampled in this interval
         self.acc = RouterHealthAccumulator(num_slots, num_experts, device)
         self.bindings: list = []
         self.enabled = True
@@ -48,7 +57,7 @@ class RouterHealth:
 
         def routing(logits, *args, **kwargs):
             probs, routing_map = original(logits, *args, **kwargs)
-            if self.enabled and self.weight and self.gate(router):
+            if self.enabled and self.weight and self.iteration % self.every == 0 and self.gate(router):
                 try:
                     with torch.no_grad():
                         self.acc.record(binding.slot, logits, routing_map, topk=config.moe_router_topk,
@@ -70,7 +79,8 @@ class RouterHealth:
         self.enabled = False
 
     def step(self) -> None:
-        pass
+        self.sampled += int(self.iteration % self.every == 0)
+        self.iteration += 1
 
     def device_parts(self) -> list[torch.Tensor]:
         for b in self.bindings:
@@ -80,8 +90,15 @@ class RouterHealth:
         return [self.acc.floats, self.acc.ints]
 
     def read(self, reduced: list[torch.Tensor], snapshot) -> dict:
-        slots = sorted({int(s) for s in (reduced[1][-self.acc.num_slots:] > 0).nonzero().flatten().tolist()})
-        block = router_health.summarize(reduced[0], reduced[1], self.acc, slots)
+        layers = list(getattr(snapshot, "layers", None) or [])
+        counts = getattr(snapshot, "tokens_per_expert", None)
+        if layers and counts is not None:  # the probe's exact interval counts, rows in `layers` order
+            exact = {layer - 1: counts[i] for i, layer in enumerate(layers)}
+        else:
+            exact = None
+            layers = [s + 1 for s in (reduced[1][-self.acc.num_slots:] > 0).nonzero().flatten().tolist()]
+        block = router_health.summarize(reduced[0], reduced[1], self.acc, [x - 1 for x in layers], exact)
+        block["every"], block["sampled_iterations"] = self.every, self.sampled
         extras = getattr(snapshot, "extras", None)
         if extras is None:
             extras = snapshot.extras = {}
@@ -90,3 +107,4 @@ class RouterHealth:
 
     def reset(self) -> None:
         self.acc.reset()
+        self.sampled = 0
