@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="tiny-gpu:1gpu")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--interval", type=int, default=5)
-    p.add_argument("--fault", default="2:8", help="LAYER:ITERATION of the bit flip in the corrupted run")
+    p.add_argument("--fault", default="2:9", help="LAYER:ITERATION of the bit flip in the corrupted run")
     p.add_argument("--timeout", type=int, default=150, help="seconds per training run")
     o = p.parse_args(argv)
     os.makedirs(o.out, exist_ok=True)
