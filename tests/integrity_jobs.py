@@ -245,3 +245,33 @@ def session_with_fault(rank, world, cfg, out_dir, steps, interval, fault_at, mod
             break
     session.close(it)
     return {"iterations": it, "stop": session.stop_requested, "errors": errors}
+
+
+def checks_audit(rank, world, cfg):
+    """Ops and collectives the default session's contributors add (integrity warn + router
+    health): on a sampled iteration (the first) and an unsampled one, and at the flush."""
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    cc.forward_backward(model, jobs.batch(cfg, rank, 0))  # warm-up (lazy init) outside the audit
+    with jobs._OpCounter() as off:
+        cc.forward_backward(model, jobs.batch(cfg, rank, 1))
+    plain = jobs.attach([model], integrity="off")
+    for c in list(plain.contributors):
+        c.detach()
+        plain.contributors.remove(c)
+    with jobs._OpCounter() as counting:
+        cc.forward_backward(model, jobs.batch(cfg, rank, 1))
+    plain.detach()
+    session = jobs.attach([model])
+    out = {"ops_off": dict(off.ops), "ops_counting": dict(counting.ops), "collectives_off": dict(off.collectives)}
+    for name in ("sampled", "unsampled"):
+        with jobs._OpCounter() as on:
+            cc.forward_backward(model, jobs.batch(cfg, rank, 1))
+            session.step()
+        out[name] = {"ops": dict(on.ops), "collectives": dict(on.collectives)}
+    with jobs._OpCounter() as flush:
+        snap = session.snapshot(step=2)
+    out["flush_collectives"] = dict(flush.collectives)
+    out["integrity"] = snap.extras["integrity"]
+    session.detach()
+    return out

@@ -171,3 +171,28 @@ def test_session_fail_mode_stops_at_the_interval_that_saw_the_fault(tmp_path):
             assert row["maxvio"] == pytest.approx(row["max_over_mean"] - 1)
             assert row["tpe_max"] == max(report.tokens_per_expert[report.per_layer.index(row)])
         assert "moe/all/maxvio_worst_layer" in report.scalars()
+
+
+def test_checks_add_no_host_sync_or_collective():
+    """The default session's integrity check and router health: no host sync, no collective
+    until the flush; on an unsampled iteration only the count check's few kernels (a routing-map
+    sum and adds) beyond the counting path; the flush adds a float64 all-reduce."""
+    import megatron_jobs as jobs
+
+    results = run_ranks(ij.checks_audit, 2, BASE)
+    for res in results:
+        for name in ("sampled", "unsampled"):
+            ops = res[name]["ops"]
+            added = {op for op, n in ops.items() if n > res["ops_off"].get(op, 0)}
+            # `_to_copy` is left out: on CPU a device->host copy and a same-device dtype cast look
+            # alike, and the hooks' only ones are casts (logits to float, scores to float64)
+            assert not (added & (jobs.SYNC_OPS - {"_to_copy"})), (name, added)
+            assert res[name]["collectives"] == res["collectives_off"], name
+        extra = {op: n - res["ops_counting"].get(op, 0) for op, n in res["unsampled"]["ops"].items()
+                 if n != res["ops_counting"].get(op, 0) and op not in jobs.VIEW_OPS}
+        # per MoE layer: routing-map sum + add (sent), tokens_per_expert copy + add (received); per step:
+        # the counting path's copy_/zero_ of step()
+        layers = BASE.num_layers
+        assert extra.get("sum", 0) == layers and extra.get("add_", 0) == 2 * layers, extra
+        assert res["flush_collectives"] == {"all_reduce": 2}  # one per dtype: int64 and float64
+        assert res["integrity"]["ok"] and res["integrity"]["count_calls"] == 2 * 2 * layers
