@@ -409,6 +409,10 @@ def open_session(model_chunks, settings: ProbeSettings, *, run_meta: Optional[di
         if settings.timing:
             session.add_timer(hooks.make_timer(gate, every=settings.timing_every,
                                                backward=settings.timing == "all"))
+        make_checks = getattr(hooks, "make_checks", None)  # integrity and router health (issue 23)
+        if make_checks is not None:
+            for contributor in make_checks(gate, settings, request_stop=session.request_stop, announce=writer):
+                session.add_contributor(contributor)
     except BaseException:
         hooks.detach()
         raise

@@ -18,6 +18,7 @@ FLAGS = {
     "writers": "--moe-probe-writers",
     "timing": "--moe-probe-timing",
     "timing_every": "--moe-probe-timing-every",
+    "integrity": "--moe-probe-integrity",
     "gpus_per_node": "--moe-probe-gpus-per-node",
     "history": "--moe-probe-history",
     "heatmap_every": "--moe-probe-heatmap-every",
@@ -30,6 +31,9 @@ DEFAULT_HEATMAP_EVERY = 10
 TIMING_MODES = ("forward", "all")
 DEFAULT_TIMING_EVERY = 8  # dispatcher timing samples one iteration in N (the first of each interval, then every N-th)
 MAX_HISTORY = 1000  # per-step counts kept per interval, at most (bounds memory on long intervals)
+# Dispatch integrity checks (docs/metrics.md): off, warn (a loud line, scalar, alert) or fail (also stop training).
+INTEGRITY_MODES = ("off", "warn", "fail")
+DEFAULT_INTEGRITY = "warn"
 # Per-iteration records: off, each iteration's [layer, expert] counts (default), or also its rank matrix.
 ITERATION_MODES = ("off", "counts", "matrix")
 DEFAULT_ITERATIONS = "counts"
@@ -52,6 +56,7 @@ class ProbeSettings:
     iterations: str = DEFAULT_ITERATIONS  # one of ITERATION_MODES
     domains: str | None = None  # None: one domain per dataset of a blend; "off"; or a mapping (resolve_domains)
     timing_every: int = DEFAULT_TIMING_EVERY  # time one iteration in N
+    integrity: str = DEFAULT_INTEGRITY  # one of INTEGRITY_MODES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +65,8 @@ class ProbeSettings:
     def create(cls, interval: int, *, writers: list[str] | None = None, out_dir: str = "moe_probe_runs",
                timing: str | bool | None = None, gpus_per_node: int | None = None, history: int | None = None,
                heatmap_every: int = DEFAULT_HEATMAP_EVERY, iterations: str = DEFAULT_ITERATIONS,
-               domains: str | None = None, timing_every: int = DEFAULT_TIMING_EVERY) -> "ProbeSettings":
+               domains: str | None = None, timing_every: int = DEFAULT_TIMING_EVERY,
+               integrity: str = DEFAULT_INTEGRITY) -> "ProbeSettings":
         """Settings with every default filled in the one way (the flags, the Bridge callback and
         the demo all come through here). `timing`: None/False off, True or "forward", "all".
         Raises ValueError naming the bad value."""
@@ -70,6 +76,8 @@ class ProbeSettings:
             timing = None
         if timing is not None and timing not in TIMING_MODES:
             raise ValueError(f"timing must be off (None), {' or '.join(map(repr, TIMING_MODES))}, got {timing!r}")
+        if integrity not in INTEGRITY_MODES:
+            raise ValueError(f"integrity must be one of {', '.join(INTEGRITY_MODES)}, got {integrity!r}")
         if iterations not in ITERATION_MODES:
             raise ValueError(f"iterations must be one of {', '.join(ITERATION_MODES)}, got {iterations!r}")
         for name, value in (("interval", interval), ("heatmap_every", heatmap_every), ("timing_every", timing_every),
@@ -78,7 +86,8 @@ class ProbeSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         return cls(interval=interval, writers=list(writers or ["local"]), out_dir=out_dir, timing=timing,
                    gpus_per_node=gpus_per_node, history=min(history or interval, MAX_HISTORY),
-                   heatmap_every=heatmap_every, iterations=iterations, domains=domains, timing_every=timing_every)
+                   heatmap_every=heatmap_every, iterations=iterations, domains=domains, timing_every=timing_every,
+                   integrity=integrity)
 
 
 def probe_flags(**values: Any) -> list[str]:

@@ -16,6 +16,16 @@ def _f(x) -> float:
     return float(x)
 
 
+def _router_health_rows(snap: Snapshot) -> dict[int, dict[str, float]]:
+    """Router health's per-layer statistics (megatron/router_watch.py), moved from its block into
+    the per-layer rows, where every per-layer statistic lives (the block keeps the per-expert
+    arrays and the across-layer summary)."""
+    block = (getattr(snap, "extras", None) or {}).get("router_health")
+    if not block or "per_layer" not in block:
+        return {}
+    return dict(zip(block.pop("layers"), block.pop("per_layer")))
+
+
 def build_report(snap: Snapshot, keep_iterations: bool = True) -> IntervalReport:
     """`keep_iterations`: put each iteration's counts (and matrices, when recorded) into the
     report's arrays, for the local writer's per-interval array file."""
@@ -26,6 +36,7 @@ def build_report(snap: Snapshot, keep_iterations: bool = True) -> IntervalReport
     sender = stats.sender_skew(matrix)
     per_step = stats.layer_stats(snap.step_tokens_per_expert, snap.ep_size) if snap.step_tokens_per_expert.shape[0] else None
 
+    health = _router_health_rows(snap)
     rows: list[dict[str, float]] = []
     for i, _layer in enumerate(snap.layers):
         row: dict[str, float] = {name: _f(values[i]) for name, values in interval.items()}
@@ -49,6 +60,7 @@ def build_report(snap: Snapshot, keep_iterations: bool = True) -> IntervalReport
             row["dropped_fraction"] = dropped / demand if demand else math.nan
         for phase, values in snap.timing_ms.items():
             row[timing_stat(phase)] = _f(values[i])
+        row.update(health.get(_layer, {}))
         rows.append(row)
 
     arrays = {}

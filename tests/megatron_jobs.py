@@ -180,7 +180,12 @@ def host_sync_audit(rank, world, cfg):
     cc.forward_backward(model, batch(cfg, rank, 0))  # warm-up (lazy init) outside the audit
     with _OpCounter() as off:
         cc.forward_backward(model, batch(cfg, rank, 1))
-    probe = attach([model])
+    probe = attach([model], integrity="off")
+    # The counting path alone: router health and the integrity check have their own audit
+    # (tests/test_integrity.py::test_checks_add_no_host_sync_or_collective).
+    for c in [c for c in probe.contributors if c.name == "router_health"]:
+        c.detach()
+        probe.contributors.remove(c)
     with _OpCounter() as on:
         cc.forward_backward(model, batch(cfg, rank, 1))
         probe.step()

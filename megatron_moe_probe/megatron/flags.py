@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_ITERATIONS, DEFAULT_TIMING_EVERY, FLAGS,
-                                        ITERATION_MODES, MAX_HISTORY, TIMING_MODES, ProbeSettings, dest)
+from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_INTEGRITY, DEFAULT_ITERATIONS, DEFAULT_TIMING_EVERY,
+                                        FLAGS, INTEGRITY_MODES, ITERATION_MODES, MAX_HISTORY, TIMING_MODES, ProbeSettings,
+                                        dest)
 from megatron_moe_probe.writers.base import WRITER_NAMES
 
 GROUP_TITLE = "moe-probe"
@@ -63,6 +64,10 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(FLAGS["timing_every"], type=_positive_int, default=DEFAULT_TIMING_EVERY,
                    help="dispatcher timing samples one iteration in N: the first of each report interval, then "
                         "every N-th; the record's meta.timing_every says N and meta.timing_sampled_iterations how many")
+    g.add_argument(FLAGS["integrity"], choices=INTEGRITY_MODES, default=DEFAULT_INTEGRITY,
+                   help="check on the device that the token dispatcher delivered what the router decided (counts "
+                        "and an exact fingerprint of the rows, every interval): warn (default) logs a violation, "
+                        "fail also stops training at that iteration, off skips the check")
     g.add_argument(FLAGS["gpus_per_node"], type=_positive_int, default=None,
                    help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
     g.add_argument(FLAGS["history"], type=_positive_int, default=None,
@@ -96,7 +101,7 @@ def flags_without_probe(args) -> list[str]:
     if getattr(args, dest("enabled"), False):
         return []
     defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY, dest("iterations"): DEFAULT_ITERATIONS,
-                dest("timing_every"): DEFAULT_TIMING_EVERY}
+                dest("timing_every"): DEFAULT_TIMING_EVERY, dest("integrity"): DEFAULT_INTEGRITY}
     prefix = dest("enabled") + "_"
     return [
         "--" + name.replace("_", "-")
@@ -135,6 +140,7 @@ def resolve(args) -> ProbeSettings:
         iterations=given["iterations"] or DEFAULT_ITERATIONS,
         domains=given["domains"],
         timing_every=given["timing_every"] or DEFAULT_TIMING_EVERY,
+        integrity=given["integrity"] or DEFAULT_INTEGRITY,
     )
 
 

@@ -246,6 +246,22 @@ class MegatronRouterHooks:
         known = [b for b in self.bindings if type(b.dispatcher).__name__ in KNOWN_DISPATCHERS]
         return DispatcherTimer(known, self.layout.num_layer_slots, gate, every=every, backward=backward)
 
+    def make_checks(self, gate, settings, *, request_stop, announce: bool) -> list:
+        """The interval contributors the settings ask for: router health (megatron/router_watch.py)
+        always, the dispatch integrity check (megatron/exchange_check.py) unless
+        `--moe-probe-integrity off`. `announce`: this rank logs a violation (the writers' rank)."""
+        from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
+        from megatron_moe_probe.megatron.router_watch import RouterHealth
+
+        slots, experts = self.layout.num_layer_slots, self.layout.num_experts
+        checks = [RouterHealth(gate.should_count, num_slots=slots, num_experts=experts, device=self.device,
+                               weight=self.layout.count_weight)]
+        if settings.integrity != "off":
+            checks.append(ExchangeCheck(gate.should_count, num_slots=slots, num_experts=experts,
+                                        ep_size=self.layout.ep_size, device=self.device, mode=settings.integrity,
+                                        announce=announce, request_stop=request_stop))
+        return checks
+
     # ---- hooks: the hot path -----------------------------------------------------------------
 
     def _make_pre_hook(self, binding: LayerBinding):

@@ -64,4 +64,7 @@ class IntervalReport:
         for stat, values in columns.items():
             out[f"{prefix}/all/{stat}_layer_mean"] = sum(values) / len(values)
             out[f"{prefix}/all/{stat}_layer_max"] = max(values)
+        from megatron_moe_probe.integrity_report import extras_scalars  # integrity / router-health keys
+
+        out.update(extras_scalars(self.meta, prefix))
         return out

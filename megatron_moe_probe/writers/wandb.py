@@ -91,9 +91,21 @@ class WandbWriter:
                     data[HIST_TAG.format(layer=name)] = wandb.Histogram(counts)
         self._count += 1
         self._run.log(data, step=int(report.step))
+        self._alert_integrity(report)
         self._last_step = int(report.step)
         self._layer_rows.append(IntervalReport(report.step, report.steps, report.time, report.layers,
                                                report.num_experts, report.ep_size, report.per_layer, [], []))
+
+    def _alert_integrity(self, report: IntervalReport) -> None:
+        """A dispatch-integrity violation is also a wandb alert (e-mail / Slack where the user set
+        them up); a clean interval sends nothing."""
+        from megatron_moe_probe.integrity_report import ALERT_TITLE, INTEGRITY, extras_of, violation_line
+
+        line = violation_line(extras_of(report.meta).get(INTEGRITY), report.step, report.steps)
+        alert = getattr(self._run, "alert", None)
+        if line and alert is not None:
+            level = getattr(getattr(self._wandb, "AlertLevel", None), "ERROR", "ERROR")
+            alert(title=ALERT_TITLE, text=line, level=level)
 
     def _log_summary(self) -> None:
         """The run's per-layer summary (medians over its reports) as one wandb.Table."""

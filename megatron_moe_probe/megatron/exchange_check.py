@@ -1,0 +1,239 @@
+"""Did the dispatcher deliver what the router decided? Hooks on Megatron's token dispatchers.
+
+An interval contributor (the session's extension point): it wraps four methods of each MoE
+layer's token dispatcher (instance attributes, removed on detach) and feeds
+`integrity.IntegrityAccumulator`:
+
+    dispatch_preprocess -> output: the rows as the sender lays them out (alltoall: grouped by
+                           destination expert; allgather: the local tokens and their routing map)
+    dispatch_postprocess-> output: the rows each expert receives, and the dispatcher's own
+                           tokens_per_expert
+    combine_preprocess  -> output: the expert outputs as they go back (alltoall only)
+    combine_postprocess -> input: the expert outputs as their source received them
+
+The exchange itself (token_dispatch / token_combine: all-to-all, TP all-gather and
+reduce-scatter, allgather) sits between the hooks and is what is checked. Only forwards the
+session counts are checked (training forwards inside an iteration, no recompute), on every
+rank alike, so the sums over ranks meet. Calls under CUDA-graph capture are not checked
+(their segment sizes live on the host); flex dispatchers are listed as unchecked.
+
+The payload check runs every `payload_every` iterations (stated in the record); the count
+check runs on every checked forward. No host sync: everything is device adds, and the
+dispatcher's host-side counts go to the device with a non-blocking copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from megatron_moe_probe import integrity, integrity_report
+from megatron_moe_probe.integrity import IntegrityAccumulator, row_fingerprints, segment_sums
+
+log = logging.getLogger("megatron_moe_probe")
+
+MODES = ("off", "warn", "fail")
+# The payload check costs ~50 ATen ops per layer forward (benchmarks/integrity_cost.py): sampled on
+# iterations 0, N, 2N, ... since attach; the count check runs on every iteration.
+DEFAULT_PAYLOAD_EVERY = 8
+_METHODS = ("dispatch_preprocess", "dispatch_postprocess", "combine_preprocess", "combine_postprocess")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _Call:
+    """What one layer's dispatcher remembers between its hooks within one forward. Each flag is
+    cleared by the hook that consumes it, so a later forward whose send side ran inside a CUDA
+    graph (no Python, no hook) never pairs its receive side with an older send."""
+
+    active = False  # send side recorded, receive side pending
+    combining = False  # dispatch checked, combine pending (alltoall)
+    payload = False
+    sent_counts: Optional[torch.Tensor] = None  # rows per global expert, as sent
+
+
+class ExchangeCheck:
+    """IntervalContributor "integrity": count and payload conservation of every MoE exchange."""
+
+    name = "integrity"
+
+    def __init__(self, gate: Callable[[object], bool], *, num_slots: int, num_experts: int,
+                 ep_size: int, device: torch.device, payload_every: int = DEFAULT_PAYLOAD_EVERY,
+                 mode: str = "warn", announce: bool = True,
+                 request_stop: Optional[Callable[[str], None]] = None):
+        """gate(router): does this forward count (the session's counting gate). mode "warn" logs a
+        violation (where `announce`: one rank, the writers' rank), "fail" also calls
+        `request_stop(line)` on every rank, which ends training at the iteration boundary."""
+        if payload_every < 1:
+            raise ValueError(f"payload_every must be >= 1, got {payload_every}")
+        if mode not in MODES:
+            raise ValueError(f"integrity mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.gate = gate
+        self.mode, self.announce, self.request_stop = mode, announce, request_stop
+        self.ep_size = ep_size
+        self.payload_every = payload_every
+        self.acc = IntegrityAccumulator(num_slots, num_experts, device)
+        self.device = device
+        self.iteration = 0  # counted iterations since attach: payload on iterations 0, N, 2N...
+        self.unchecked: list[str] = []
+        self.enabled = True
+        self._wrapped: list[tuple[object, str, object]] = []  # (dispatcher, method, our wrapper)
+        self._full_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ---- contributor protocol --------------------------------------------------------------
+
+    def attach(self, bindings) -> None:
+        for b in bindings:
+            kind = type(b.dispatcher).__name__
+            if kind not in ("MoEAlltoAllTokenDispatcher", "MoEAllGatherTokenDispatcher"):
+                self.unchecked.append(kind)
+                continue
+            for method in _METHODS:
+                if kind == "MoEAllGatherTokenDispatcher" and method.startswith("combine"):
+                    continue  # allgather combines by reduce-scatter (a sum): nothing to conserve
+                self._wrap(b, method)
+
+    def detach(self) -> None:
+        for dispatcher, method, wrapper in self._wrapped:
+            if dispatcher.__dict__.get(method) is wrapper:
+                del dispatcher.__dict__[method]
+            else:  # another wrapper sits on top of ours: leave it, ours passes through
+                wrapper._moe_probe_off = True
+        self._wrapped.clear()
+        self.enabled = False
+
+    def step(self) -> None:
+        self.iteration += 1
+
+    def device_parts(self) -> list[torch.Tensor]:
+        return [self.acc.buffer, self.acc.host_part().to(self.device)]
+
+    def read(self, reduced: list[torch.Tensor], snapshot) -> integrity.Verdict:
+        verdict = integrity.judge(reduced[0], reduced[1], self.acc, ep_size=self.ep_size,
+                                  payload_every=self.payload_every, unchecked=self.unchecked)
+        extras = getattr(snapshot, "extras", None)
+        if extras is None:
+            extras = snapshot.extras = {}
+        block = extras[self.name] = verdict.to_dict()
+        meta = getattr(snapshot, "meta", None) or {}
+        if meta.get("ranks_failed"):  # a rank stopped counting mid-interval: its sides are missing
+            block["incomplete"] = True
+            return verdict
+        line = integrity_report.violation_line(block, int(getattr(snapshot, "step", 0) or 0),
+                                               int(getattr(snapshot, "steps", 0) or 0))
+        if line and self.mode != "off":
+            if self.announce:
+                log.error(line)
+            if self.mode == "fail" and self.request_stop is not None:
+                self.request_stop(line + " (--moe-probe-integrity fail: training stops at this iteration)")
+        return verdict
+
+    def reset(self) -> None:
+        self.acc.reset()
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    @property
+    def payload_now(self) -> bool:
+        return self.iteration % self.payload_every == 0
+
+    def _wrap(self, binding, method: str) -> None:
+        dispatcher = binding.dispatcher
+        state = dispatcher.__dict__.setdefault("_moe_probe_call", _Call())
+        original = getattr(dispatcher, method)
+        observe = getattr(self, "_" + method)
+
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if self.enabled and not getattr(wrapper, "_moe_probe_off", False):
+                try:
+                    with torch.no_grad():
+                        observe(binding, dispatcher, state, args, out)
+                except Exception as exc:  # never break training
+                    self._fail(exc)
+            return out
+
+        dispatcher.__dict__[method] = wrapper
+        self._wrapped.append((dispatcher, method, wrapper))
+
+    def _fail(self, exc: BaseException) -> None:
+        log.warning("moe-probe: dispatch integrity check off after an error (training continues): %r", exc)
+        self.enabled = False
+
+    def _full(self, size: int, value: int) -> torch.Tensor:
+        key = (size, value)
+        t = self._full_cache.get(key)
+        if t is None:
+            t = self._full_cache[key] = torch.full((size,), value, dtype=torch.int64, device=self.device)
+        return t
+
+    def _dispatch_preprocess(self, binding, d, state: _Call, args, out) -> None:
+        state.active = self.gate(binding.router) and not _capturing()
+        if not state.active:
+            return
+        state.payload = self.payload_now
+        slot, acc = binding.slot, self.acc
+        rows = out[0]
+        factor = d.tp_size  # expert-TP peers each receive every row: they hold the same experts
+        if type(d).__name__ == "MoEAllGatherTokenDispatcher":
+            mask = d.routing_map.to(torch.int64)  # [T, E] of this rank's tokens
+            counts = mask.sum(0)
+            if state.payload:
+                fp = row_fingerprints(rows).to(torch.float64)
+                acc["dispatch_sent"][slot] += (mask.t().to(torch.float64) @ fp).to(torch.int64) * factor
+        else:
+            if d.drop_and_pad:
+                counts = self._full(acc.num_experts, int(d.capacity))
+            else:
+                counts = d.routing_map.sum(0)  # int64
+            if state.payload:
+                sums = segment_sums(row_fingerprints(rows), counts)
+                acc["dispatch_sent"][slot] += sums * factor if factor != 1 else sums
+            acc.rows_dispatched[slot] += int(rows.shape[0])
+        state.sent_counts = counts
+        acc["sent_count"][slot] += counts * factor if factor != 1 else counts
+        acc.count_calls[slot] += 1
+        acc.payload_calls[slot] += int(state.payload)
+
+    def _dispatch_postprocess(self, binding, d, state: _Call, args, out) -> None:
+        if not state.active:
+            return
+        state.active = False
+        state.combining = type(d).__name__ == "MoEAlltoAllTokenDispatcher"
+        rows, tokens_per_expert = out[0], out[1]
+        per_local = torch.as_tensor(tokens_per_expert).to(self.device, torch.int64, non_blocking=True)
+        lo = d.local_expert_indices[0]
+        hi = lo + len(d.local_expert_indices)
+        self.acc["received_count"][binding.slot, lo:hi] += per_local
+        if state.payload:
+            self.acc["dispatch_received"][binding.slot, lo:hi] += segment_sums(row_fingerprints(rows), per_local)
+
+    def _combine_preprocess(self, binding, d, state: _Call, args, out) -> None:
+        if not (state.combining and state.payload):
+            return
+        local = d.num_local_experts
+        lo = d.local_expert_indices[0]
+        fp = row_fingerprints(out)
+        if local == 1:  # every row belongs to the one local expert
+            sums = fp.sum(0, dtype=torch.int64, keepdim=True)
+        else:
+            if d.drop_and_pad:  # [EP source, local expert] blocks of `capacity` rows
+                sizes = self._full(d.ep_size * local, int(d.capacity))
+            else:  # [TP, EP, local] counts; this TP rank keeps its own slice after the reduce-scatter
+                table = torch.as_tensor(d.num_global_tokens_per_local_expert).reshape(d.tp_size, d.ep_size, local)
+                sizes = table[d.tp_rank].reshape(-1).to(self.device, torch.int64, non_blocking=True)
+            sums = segment_sums(fp, sizes).view(-1, local, integrity.FINGERPRINT_WIDTH).sum(0)
+        self.acc["combine_sent"][binding.slot, lo:lo + local] += sums
+
+    def _combine_postprocess(self, binding, d, state: _Call, args, out) -> None:
+        if not state.combining:
+            return
+        state.combining = False
+        rows = args[0]
+        self.acc.rows_returned[binding.slot] += int(rows.shape[0])
+        if state.payload:
+            self.acc["combine_received"][binding.slot] += segment_sums(row_fingerprints(rows), state.sent_counts)
