@@ -36,17 +36,22 @@ def imports_of(path: Path) -> set[str]:
     package = this if path.name == "__init__.py" else this.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            out.add(base)
-            # `from pkg import mod` imports the submodule when there is one.
-            out.update(f"{base}.{alias.name}" for alias in node.names)
+        out.update(_imported_names(node, package))
     return out
+
+
+def _imported_names(node: ast.AST, package: str) -> set[str]:
+    """The modules one import statement names (none for any other node)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+    # `from pkg import mod` imports the submodule when there is one.
+    return {base} | {f"{base}.{alias.name}" for alias in node.names}
 
 
 def package_graph() -> dict[str, set[str]]:
@@ -164,15 +169,8 @@ def top_level_imports(path: Path) -> set[str]:
         if isinstance(node, (ast.If, ast.Try)):  # `if TYPE_CHECKING:` / try-except imports still run
             todo.extend(node.body + node.orelse + getattr(node, "finalbody", []) +
                         [s for h in getattr(node, "handlers", []) for s in h.body])
-        elif isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            out.add(base)
-            out.update(f"{base}.{alias.name}" for alias in node.names)
+        else:
+            out.update(_imported_names(node, package))
     return out
 
 
