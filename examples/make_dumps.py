@@ -1,6 +1,6 @@
 """Remake the example dumps in examples/: Megatron's own routing recorders on the CPU MoE.
 
-    PYTHONPATH=. python examples/make_dumps.py     # from the repository root, about 30 s
+    PYTHONPATH=. python examples/make_dumps.py     # from the repository root, about 20 s
 
 Megatron-Core's `RouterTracer` (what `--moe-routing-trace-path` turns on) and its
 tokens-per-expert logger (`--save-tokens-per-expert-interval`, `ActivationLogger.save_tpe`) run

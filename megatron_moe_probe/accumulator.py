@@ -133,7 +133,6 @@ class RoutingAccumulator:
         self._folds = 0
         self.step_number = 0
         self.failed = False  # set when a hook failed on this rank; counts may be incomplete
-        self.captured = False  # set when hook kernels went into a CUDA graph
         # The one-kernel Triton path, compiled and loaded now (before any graph capture).
         self.use_triton = colsum.prepare(self.device)
         # Dense class per destination EP rank (stats.locality_onehot), applied once per flush.
@@ -179,14 +178,15 @@ class RoutingAccumulator:
             raise ValueError(f"domain index {bad[0]} outside 0..{len(self.domains) - 1}")
         self._domain_lookup = torch.tensor(dataset_to_domain, dtype=torch.long, device=self.device)
 
-    def set_sample_domains(self, dataset_ids: torch.Tensor, seq_length: int) -> None:
+    def set_sample_domains(self, dataset_ids: torch.Tensor, seq_length: int, frozen: bool = False) -> None:
         """The next micro-batch's dataset id per sample ([micro_batch] ints, any device).
 
         Router calls see the micro-batch flattened sequence-major ([s, b] -> s*b rows), so
         token t belongs to sample t % b: the per-sample ids tiled over `seq_length`
         positions give every token its domain, also for the sequence slice a TP rank sees
         with sequence parallelism or a CP rank sees (both keep whole [s, b] rows). The
-        buffer is allocated at the first call and only written in place afterwards."""
+        buffer is allocated at the first call and only written in place afterwards; `frozen`
+        (hook kernels were captured into a CUDA graph, which holds its address) forbids growing it."""
         if self._current_domain is None:
             return
         ids = dataset_ids.reshape(-1).to(self.device, torch.long, non_blocking=True)
@@ -194,7 +194,7 @@ class RoutingAccumulator:
             ids = self._domain_lookup[ids]
         n = ids.shape[0] * int(seq_length)
         if self._token_domain is None or self._token_domain.shape[0] < n:
-            if self.captured:
+            if frozen:
                 raise RuntimeError("the domain buffer cannot grow after CUDA-graph capture")
             self._token_domain = torch.zeros(n, dtype=torch.long, device=self.device)
         self._token_domain[:n].copy_(ids.repeat(int(seq_length)))

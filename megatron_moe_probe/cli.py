@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def version_text() -> str:
     from megatron_moe_probe import __version__
-    from megatron_moe_probe.versions import installed_version
+    from megatron_moe_probe.versions import megatron_core_version
 
-    core = installed_version("megatron-core")
+    core = megatron_core_version()  # the Megatron that imports, as run meta records it
     return f"moe-probe {__version__} (megatron-core {core or 'not installed'})"
 
 

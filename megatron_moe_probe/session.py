@@ -91,13 +91,6 @@ class PhaseTimer(Protocol):
     def remove(self) -> None: ...
 
 
-def _in_recomputation() -> bool:
-    """True while activations are recomputed: the router already counted these tokens. Every
-    recompute (Megatron's, Transformer Engine's, torch's non-reentrant checkpoint) runs inside
-    the autograd engine's backward pass, and that is what this checks."""
-    return torch._C._current_graph_task_id() != -1
-
-
 class CountingGate:
     """Which router calls count: training forwards, not recomputation, inside an iteration
     (once a loop says where its iterations are), and graph-capture aware: under CUDA-graph
@@ -137,6 +130,8 @@ class CountingGate:
         return self._cuda and self._capturing()
 
     def should_count(self, module) -> bool:
+        # A recompute (Megatron's, Transformer Engine's, torch's non-reentrant checkpoint) runs
+        # inside the autograd engine's backward pass: the router already counted those tokens.
         if not (self.enabled and module.training) or torch._C._current_graph_task_id() != -1:
             return False
         if self._cuda and self._capturing():
@@ -160,7 +155,7 @@ class ProbeSession:
         self.interval = settings.interval
         self.iterations = settings.iterations
         self.writers = writers
-        self.timers: list = []
+        self.timers: list[PhaseTimer] = []
         self.contributors: list = []
         self.reports_written = 0
         self.last_report: Optional[IntervalReport] = None
@@ -232,7 +227,7 @@ class ProbeSession:
         only (a lookup, a tile, one copy into a fixed buffer); a no-op without domains."""
         if self.alive and self.accumulator.domains and dataset_ids is not None:
             try:
-                self.accumulator.set_sample_domains(dataset_ids, seq_length)
+                self.accumulator.set_sample_domains(dataset_ids, seq_length, frozen=self.gate.captured)
             except Exception as exc:
                 self.fail(exc)
 
@@ -339,8 +334,8 @@ class ProbeSession:
                 part()
             except Exception as exc:
                 log.warning("moe-probe: detach failed: %r", exc)
-        if self.gate.captured:
-            _keep_alive(self.accumulator)
+        if self.gate.captured:  # the contributors' hooks run under capture too (same gate)
+            _keep_alive(self.accumulator, *self.contributors)
 
     def _die(self, exc: BaseException) -> None:
         log.warning("moe-probe: stopped after an error (training continues): %r", exc)
@@ -348,14 +343,13 @@ class ProbeSession:
         self.detach()
 
 
-# Accumulators whose hook kernels were captured into a CUDA graph: a graph holds raw pointers to
-# their buffers and may replay after detach, so the buffers must outlive the session.
+# Accumulators and contributors whose hook kernels were captured into a CUDA graph: a graph holds
+# raw pointers to their buffers and may replay after detach, so the buffers must outlive the session.
 _CAPTURED: list = []
 
 
-def _keep_alive(accumulator) -> None:
-    if accumulator not in _CAPTURED:
-        _CAPTURED.append(accumulator)
+def _keep_alive(*owners) -> None:
+    _CAPTURED.extend(o for o in owners if not any(o is kept for kept in _CAPTURED))
 
 
 def _reduce_by_dtype(groups: list[list[torch.Tensor]], device, dist) -> list[list[torch.Tensor]]:

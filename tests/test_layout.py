@@ -247,7 +247,8 @@ def test_record_and_offline_import_without_torch():
 
 # ---- the live side's own rules (docs/architecture.md, "What may import what") ------------------
 
-LIVE_CORE = (f"{NAME}.session", f"{NAME}.accumulator", f"{NAME}.colsum", f"{NAME}.stats", f"{NAME}.summarize")
+LIVE_CORE = (f"{NAME}.session", f"{NAME}.accumulator", f"{NAME}.colsum", f"{NAME}.stats", f"{NAME}.summarize",
+             f"{NAME}.integrity", f"{NAME}.router_health", f"{NAME}.settings")
 LIVE_ADAPTER = (f"{NAME}.megatron.bridge", f"{NAME}.megatron.training", f"{NAME}.megatron.hooks",
                 f"{NAME}.megatron.timing")
 PLANNER = (f"{NAME}.recipes", f"{NAME}.selection")

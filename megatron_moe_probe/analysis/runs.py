@@ -13,7 +13,7 @@ import torch
 from megatron_moe_probe import stats
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record import IntervalReport
-from megatron_moe_probe.record import load_arrays, load_run
+from megatron_moe_probe.record import load_arrays
 from megatron_moe_probe.record.names import step_summary_name
 from megatron_moe_probe.record.run_meta import settings_of
 
@@ -182,7 +182,7 @@ def load_window(path: str | Path, steps: str | None = None, layers: list[int] | 
     from megatron_moe_probe import megatron_dumps
 
     # A folder of Megatron's own dumps (RouterTracer, tokens per expert) reads as a run too.
-    meta, reports = megatron_dumps.load_if_dump(path) or load_run(path)
+    meta, reports = megatron_dumps.load_run_or_dump(path)
     if not reports:
         raise UsageError(f"{path}: no probe reports in its intervals.jsonl")
     start, end = parse_steps(steps)

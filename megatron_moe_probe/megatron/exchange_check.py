@@ -64,15 +64,17 @@ class ExchangeCheck:
     def __init__(self, gate: Callable[[object], bool], *, num_slots: int, num_experts: int,
                  ep_size: int, device: torch.device, payload_every: int = DEFAULT_PAYLOAD_EVERY,
                  mode: str = "warn", announce: bool = True,
-                 request_stop: Optional[Callable[[str], None]] = None):
-        """gate(router): does this forward count (the session's counting gate). mode "warn" logs a
+                 request_stop: Optional[Callable[[str], None]] = None,
+                 capturing: Callable[[], bool] = _capturing):
+        """gate(router): does this forward count (the session's counting gate); capturing(): is a
+        CUDA graph being captured (the gate's own, which asks CUDA once). mode "warn" logs a
         violation (where `announce`: one rank, the writers' rank), "fail" also calls
         `request_stop(line)` on every rank, which ends training at the iteration boundary."""
         if payload_every < 1:
             raise ValueError(f"payload_every must be >= 1, got {payload_every}")
         if mode not in MODES:
             raise ValueError(f"integrity mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.gate = gate
+        self.gate, self.capturing = gate, capturing
         self.mode, self.announce, self.request_stop = mode, announce, request_stop
         self.ep_size = ep_size
         self.payload_every = payload_every
@@ -172,7 +174,7 @@ class ExchangeCheck:
         return t
 
     def _dispatch_preprocess(self, binding, d, state: _Call, args, out) -> None:
-        state.active = self.gate(binding.router) and not _capturing()
+        state.active = self.gate(binding.router) and not self.capturing()
         if not state.active:
             return
         state.payload = self.payload_now

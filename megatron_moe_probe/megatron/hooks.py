@@ -162,7 +162,6 @@ class _CapacityContext(threading.local):
     """Which router is running, so the module-level dropping wrapper knows where to count."""
 
     binding: Optional[LayerBinding] = None
-    counted: bool = False
 
 
 class MegatronRouterHooks:
@@ -259,7 +258,7 @@ class MegatronRouterHooks:
         if settings.integrity != "off":
             checks.append(ExchangeCheck(gate.should_count, num_slots=slots, num_experts=experts,
                                         ep_size=self.layout.ep_size, device=self.device, mode=settings.integrity,
-                                        announce=announce, request_stop=request_stop))
+                                        announce=announce, request_stop=request_stop, capturing=gate.capturing))
         return checks
 
     # ---- hooks: the hot path -----------------------------------------------------------------

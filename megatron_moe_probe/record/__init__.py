@@ -39,7 +39,7 @@ from megatron_moe_probe.record.encoding import to_json_safe
 from megatron_moe_probe.record.folder import (claim_run_folder, fresh_run_folder, holds_run, new_run_folder,
                                               training_run_folder)
 from megatron_moe_probe.record.linelog import LineLog
-from megatron_moe_probe.record.lock import RunFolderBusy, acquire as lock_run_folder, holds_lock, release_lock
+from megatron_moe_probe.record.lock import RunFolderBusy, acquire as lock_run_folder, release_lock
 from megatron_moe_probe.record.names import (ARRAY_NAMES, COMPARE_STATS, EXPERT_STATS, ID_COLUMNS, INTERVALS_FILE,
                                              ITERATIONS_DIR, KNOWN_STATS, LAYERS_FILE, LOCALITY_STATS, LOCK_FILE,
                                              MATRIX_STATS, META_FILE, PHASES, RUN_FILES, SCHEMA_VERSION,

@@ -10,6 +10,7 @@ from typing import Any
 
 from megatron_moe_probe.record.atomic import replace_atomically
 from megatron_moe_probe.record.problems import CorruptRunError
+from megatron_moe_probe.record.reading import run_dir as _run_dir
 from megatron_moe_probe.record.report import IntervalReport
 
 log = logging.getLogger("megatron_moe_probe")
@@ -44,11 +45,6 @@ def write_arrays(run_dir: str | os.PathLike[str], report: IntervalReport) -> Pat
 
     replace_atomically(target, fill)
     return target
-
-
-def _run_dir(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
 
 
 def load_arrays(run_dir: str | os.PathLike[str], report: IntervalReport) -> dict[str, Any]:

@@ -180,10 +180,6 @@ def release_lock(folder: str | os.PathLike[str]) -> None:
         lock.release()
 
 
-def holds_lock(folder: str | os.PathLike[str]) -> bool:
-    return _key(Path(folder)) in _held
-
-
 @atexit.register
 def _release_all() -> None:
     for key in list(_held):

@@ -13,7 +13,7 @@ from typing import Any
 from megatron_moe_probe.record.names import INTERVALS_FILE, META_FILE
 from megatron_moe_probe.record.problems import CorruptRunError
 from megatron_moe_probe.record.report import IntervalReport
-from megatron_moe_probe.record.run_meta import MetaError, settings_of, validate_meta
+from megatron_moe_probe.record.run_meta import MetaError, validate_meta
 from megatron_moe_probe.record.schema import decode_report
 
 log = logging.getLogger("megatron_moe_probe")
@@ -42,12 +42,9 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise CorruptRunError(f"{meta_path}: cannot read it ({exc.strerror or exc})") from None
     try:
-        validate_meta(meta, str(meta_path))
-        settings_of(meta)
+        validate_meta(meta, str(meta_path))  # its `settings` too (RunMeta.settings is a RunSettings)
     except MetaError as exc:
-        text = str(exc)
-        raise CorruptRunError(text if text.startswith(str(meta_path)) else f"{meta_path}: {text.split(': ', 1)[-1]}") \
-            from None
+        raise CorruptRunError(str(exc)) from None
     return meta
 
 
