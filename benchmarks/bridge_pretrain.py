@@ -54,6 +54,19 @@ def _lora_layers_without_te() -> None:
     sys.modules[name] = module
 
 
+def _prebuilt_dataset_helpers() -> None:
+    """Bridge's initialize_megatron always runs megatron-core's compile_helpers(), a `make` in the
+    package folder; the megatron-core wheel ships the helpers prebuilt (helpers_cpp) and no Makefile,
+    so the make fails and Bridge exits. Where the prebuilt module imports, skip the build."""
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    import megatron.bridge.training.initialize as bridge_init
+
+    bridge_init.compile_helpers = lambda: None
+
+
 def build_config(out: str, iters: int, eval_interval: int):
     """Bridge's OLMoE pre-training recipe, shrunk to one GPU and a model that starts in seconds."""
     import torch
@@ -71,6 +84,9 @@ def build_config(out: str, iters: int, eval_interval: int):
     m.vocab_size, m.seq_length, m.max_position_embeddings = 1024, 256, 256
     # No Transformer Engine on the machine: Megatron's local layers and plain kernels.
     m.transformer_impl = "local"
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    m.transformer_layer_spec = local_layer_spec  # the provider's default asks for TE's layer spec
     m.moe_grouped_gemm = m.moe_permute_fusion = m.moe_router_fusion = False
     m.cross_entropy_loss_fusion = False
     m.gradient_accumulation_fusion = False
@@ -179,6 +195,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
 
     _lora_layers_without_te()
+    _prebuilt_dataset_helpers()
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 

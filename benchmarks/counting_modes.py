@@ -69,14 +69,14 @@ class Truth:
             self.sums[slot] = torch.zeros(session.layout.num_experts // session.layout.ep_size,
                                           dtype=torch.long, device="cuda")
 
-            def hook(module, args, _slot=slot):
+            def hook(module, args, output, _slot=slot):
                 if not module.training or torch.cuda.is_current_stream_capturing():
                     return
                 tokens_per_expert = args[1]
                 self.sums[_slot].add_(torch.as_tensor(tokens_per_expert).to("cuda", torch.long))
                 self.eager_expert_calls += 1
 
-            layer.experts.register_forward_pre_hook(hook)
+            layer.experts.register_forward_hook(hook)  # not a pre-hook: Megatron's local graphs refuse those
 
     def on_report(self, session, report):
         import torch
@@ -98,6 +98,7 @@ class Truth:
             "dropped": report.dropped_per_expert,
             "skipped_iterations": report.meta.get("skipped_iterations"), "reruns": report.meta.get("reruns"),
             "eager_expert_calls": self.eager_expert_calls,
+            "integrity": (report.meta.get("extras") or {}).get("integrity"),
         })
         self.eager_expert_calls = 0
 
@@ -120,7 +121,8 @@ def worker(out: str, megatron_argv: list[str]) -> int:
 
 # ---- driver ---------------------------------------------------------------------------------------
 
-def megatron_args(recipe: str, mode_args: list[str], iters: int, interval: int, run_dir: str) -> list[str]:
+def megatron_args(recipe: str, mode_args: list[str], iters: int, interval: int, run_dir: str,
+                  eval_interval: int = 0) -> list[str]:
     from megatron_moe_probe import recipes
 
     base = recipes.render(recipes.load_recipe(recipe), include_probe=False)
@@ -135,7 +137,7 @@ def megatron_args(recipe: str, mode_args: list[str], iters: int, interval: int, 
             continue
         cleaned.append(a)
     return cleaned + mode_args + [
-        "--train-iters", str(iters), "--log-interval", str(interval), "--eval-interval", str(interval),
+        "--train-iters", str(iters), "--log-interval", str(interval), "--eval-interval", str(eval_interval or interval),
         "--eval-iters", "1", "--moe-probe", "--moe-probe-interval", str(interval), "--moe-probe-dir", run_dir,
         "--moe-probe-writers", "local"]
 
@@ -166,6 +168,22 @@ def check(records: list[dict], tokens_per_iteration: int) -> tuple[str, list[str
     return status, problems
 
 
+def integrity_summary(records: list[dict]) -> str:
+    """The dispatch integrity check's verdicts over a mode's records (issue 23): clean, violated,
+    or not checked (and why), with the forwards it checked."""
+    blocks = [r.get("integrity") for r in records]
+    if not any(blocks):
+        return "integrity: no block (check off)"
+    b = [x for x in blocks if x]
+    violations = sum(x["violation_count"] for x in b)
+    calls = sum(x["count_calls"] for x in b)
+    payload = sum(x["payload_calls"] for x in b)
+    unchecked = sorted({u for x in b for u in x.get("unchecked", [])})
+    state = "VIOLATED" if violations else ("clean" if calls else "NOT CHECKED")
+    text = f"integrity {state}: {violations} violations, {calls} count-checked / {payload} payload-checked forwards"
+    return text + (f"; unchecked: {', '.join(unchecked)}" if unchecked else "")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--worker":
@@ -178,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--timeout", type=int, default=240, help="seconds per mode")
+    p.add_argument("--eval-interval", type=int, default=0, help="Megatron's --eval-interval (default: --interval)")
     opts = p.parse_args(argv)
     modes = [m for m in opts.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -197,7 +216,7 @@ def main(argv=None) -> int:
         log = os.path.join(opts.out, f"{mode}.log")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                os.path.abspath(__file__), "--worker", truth, "--",
-               *megatron_args(opts.recipe, MODES[mode], opts.iters, opts.interval, run_dir)]
+               *megatron_args(opts.recipe, MODES[mode], opts.iters, opts.interval, run_dir, opts.eval_interval)]
         start = time.time()
         print(f"=== {mode}: {' '.join(MODES[mode])}", flush=True)
         with open(log, "w") as f:
@@ -214,18 +233,20 @@ def main(argv=None) -> int:
             continue
         records = json.load(open(truth))
         status, problems = check(records, tokens_per_iteration)
-        rows.append({"mode": mode, "status": status, "seconds": seconds, "records": len(records),
+        integrity = integrity_summary(records)
+        rows.append({"mode": mode, "status": status, "integrity": integrity, "seconds": seconds, "records": len(records),
                      "steps": [rec["steps"] for rec in records], "detail": problems[:5],
                      "per_record_assignments": [sum(map(sum, rec["probe"])) for rec in records]})
-        print(f"    {status}; records steps {[rec['steps'] for rec in records]}; {problems[:3]}", flush=True)
+        print(f"    {status}; {integrity}; records steps {[rec['steps'] for rec in records]}; {problems[:3]}",
+              flush=True)
     json.dump({"recipe": opts.recipe, "iters": opts.iters, "interval": opts.interval,
                "tokens_per_iteration_per_layer": tokens_per_iteration, "modes": rows},
               open(os.path.join(opts.out, "counting_modes.json"), "w"), indent=1)
-    lines = ["| mode | Megatron flags | result | records (steps) |", "|---|---|---|---|"]
+    lines = ["| mode | Megatron flags | result | dispatch integrity | records (steps) |", "|---|---|---|---|---|"]
     for row in rows:
         detail = "; ".join(row["detail"]) if row["detail"] else ""
         lines.append(f"| `{row['mode']}` | `{' '.join(MODES[row['mode']])}` | {row['status']}"
-                     f"{' — ' + detail if detail else ''} | {row.get('steps', '-')} |")
+                     f"{' — ' + detail if detail else ''} | {row.get('integrity', '-')} | {row.get('steps', '-')} |")
     open(os.path.join(opts.out, "counting_modes.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["status"].startswith("OK") or r["status"].startswith("failed") for r in rows) else 1

@@ -12,7 +12,8 @@ the median over `--repeats` samples, all in one process; beside them, a dense pr
 same layer's expert GEMMs (fc1 2048x1536 and fc2 768x2048 over 32768 rows, forward only).
 
 train: the real training path (`moe-probe train`'s worker: Megatron's pretrain -> train ->
-train_step, the probe on with its default `--moe-probe-integrity warn`), once clean and once
+train_step, the probe on with its default `--moe-probe-integrity warn`, plus the payload
+fingerprint on one iteration in 8: `--moe-probe-integrity-payload-every 8`), once clean and once
 with one bit flipped in the rows `token_dispatch` hands on in one layer of one iteration. Writes DIR/integrity_train.json with each
 interval's verdict; prints one line per run.
 """
@@ -201,7 +202,8 @@ def train(out: str, recipe: str, iters: int, interval: int, fault_at: str, timeo
         truth = os.path.join(out, f"integrity_{name}.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                os.path.abspath(__file__), "--worker", truth, fault, "--",
-               *megatron_args(recipe, ["--transformer-impl", "local"], iters, interval, run_dir)]
+               *megatron_args(recipe, ["--transformer-impl", "local"], iters, interval, run_dir),
+               "--moe-probe-integrity-payload-every", "8"]  # the fingerprint is off by default
         start = time.time()
         with open(os.path.join(out, f"train_{name}.log"), "w") as log:
             try:

@@ -18,7 +18,9 @@ bf16, EP=1 with the alltoall dispatcher, one micro-batch of `--seq` tokens per i
    - one cProfile stack profile of each hook body (text, top entries);
    - the Triton kernel against the ATen sums on the router's real maps (exactness).
 2. `train`: interleaved windows on one model, each iteration timed with a synchronize on both
-   sides: off / stats (the probe, default statistics) / timing (stats + dispatcher timing, one
+   sides: off / stats (the probe with its defaults: statistics, the dispatch integrity check at
+   `warn` and router health) / stats-bare (the router hook alone, the integrity check and router
+   health off) / timing (stats + dispatcher timing, one
    iteration in 8, forward only: the defaults) / timing-every-1 (every iteration timed: the
    unsampled cost) / tracer (Megatron's RouterTracer, hooks registered for the window, one
    advance_step per iteration) / tpe (Megatron's tokens-per-expert logging at interval 1: its
@@ -52,7 +54,8 @@ import time
 
 import torch
 
-MODES = ("off", "stats", "timing", "timing-every-1", "tracer", "tpe")
+MODES = ("off", "stats", "stats-bare", "timing", "timing-every-1", "tracer", "tpe")
+PROBE_MODES = ("stats", "stats-bare", "timing", "timing-every-1")
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -323,6 +326,7 @@ class Recorders:
         self.tracer = None
         self.every_1 = None
         self.sampled = None
+        self.integrity = {"windows": 0, "violations": 0, "count_calls": 0, "payload_calls": 0}
 
     def set(self, mode: str) -> None:
         s = self.session
@@ -330,8 +334,12 @@ class Recorders:
         if self.tracer is not None:
             self.tracer.remove_hooks()
             self.tracer = None
-        probe = mode in ("stats", "timing", "timing-every-1")
+        probe = mode in PROBE_MODES
         s.hooks.resume() if probe else s.hooks.pause()
+        # The interval contributors (dispatch integrity, router health): on in every probe mode but
+        # stats-bare, off (one attribute read per wrapped call) in the others.
+        for c in s.contributors:
+            c.enabled = probe and mode != "stats-bare"
         if mode in ("timing", "timing-every-1"):
             every = 1 if mode == "timing-every-1" else s.settings.timing_every
             s.add_timer(s.hooks.make_timer(s.gate, every=every, backward=s.settings.timing == "all"))
@@ -357,7 +365,7 @@ class Recorders:
                     _hook(module, (args[0], torch.as_tensor(args[1]).tolist()), kwargs, output)
 
                 self.tpe_handles.append(layer.experts.register_forward_hook(on_experts, with_kwargs=True))
-        if mode in ("stats", "timing", "timing-every-1"):
+        if mode in PROBE_MODES:
             self.session.start_step()
 
     def after(self, mode: str, iteration: int, window: int) -> None:
@@ -369,10 +377,17 @@ class Recorders:
                 h.remove()
         if mode == "tracer":
             self.tracer.advance_step(iteration)
-        if mode in ("stats", "timing", "timing-every-1"):
+        if mode in PROBE_MODES:
             self.session.after_step(iteration)
             if iteration % window == 0 and self.session.last_report is not None:
-                self.sampled = self.session.last_report.meta.get("timing_sampled_iterations")
+                meta = self.session.last_report.meta
+                self.sampled = meta.get("timing_sampled_iterations") or self.sampled
+                block = (meta.get("extras") or {}).get("integrity")
+                if block and mode != "stats-bare":  # every probe window's verdict (must be clean)
+                    self.integrity["windows"] += 1
+                    self.integrity["violations"] += block["violation_count"]
+                    self.integrity["count_calls"] += block["count_calls"]
+                    self.integrity["payload_calls"] += block["payload_calls"]
 
 
 def train_part(model, session, seq: int, rounds: int, window: int, warmup: int) -> dict:
@@ -387,7 +402,7 @@ def train_part(model, session, seq: int, rounds: int, window: int, warmup: int) 
         rec.before("timing")
         batches.step(model, optimizer)
         rec.after("timing", i, window)
-    ms = {m: [] for m in MODES}
+    per_round: list[dict[str, list[float]]] = []  # round -> mode -> its window's iteration times (ms)
     rng = random.Random(0)
     iteration = warmup - warmup % window + window  # windows start on a multiple of `window`
     reports_before = session.reports_written
@@ -395,6 +410,7 @@ def train_part(model, session, seq: int, rounds: int, window: int, warmup: int) 
     for r in range(rounds):
         order = [m for m in MODES if m not in failed]
         rng.shuffle(order)
+        this_round: dict[str, list[float]] = {}
         for mode in order:
             times = []
             try:
@@ -413,23 +429,34 @@ def train_part(model, session, seq: int, rounds: int, window: int, warmup: int) 
                 iteration += window - len(times)
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            ms[mode].append(statistics.fmean(times))
+            this_round[mode] = times
+        per_round.append(this_round)
     rec.set("off")
-    ms = {m: v for m, v in ms.items() if v}
-    out = {"failed_modes": failed, "windows_per_mode": {m: len(v) for m, v in ms.items()}, "window": window,
-           "median_ms": {m: statistics.median(v) for m, v in ms.items()},
-           "window_medians_ms": ms, "probe_reports": session.reports_written - reports_before,
-           "timing_sampled_iterations_last": rec.sampled, "probe_failed": session.accumulator.failed}
+    means = {m: [statistics.fmean(rd[m]) for rd in per_round if m in rd] for m in MODES}
+    means = {m: v for m, v in means.items() if v}
+    out = {"failed_modes": failed, "windows_per_mode": {m: len(v) for m, v in means.items()}, "window": window,
+           "median_ms": {m: statistics.median(v) for m, v in means.items()},
+           "window_means_ms": means, "iteration_ms": per_round, "probe_reports": session.reports_written - reports_before,
+           "timing_sampled_iterations_last": rec.sampled,
+           "integrity": rec.integrity, "probe_failed": session.accumulator.failed}
+    # Paired by round: each mode's window against the off window of the same round, so drift between
+    # rounds (clocks, other tenants) cancels. "mean": the window's mean, with its one flush and its
+    # sampled timed iteration (the probe's interval is the window: the flush weighs interval/window
+    # times more than in a run at that interval); "median": the window's median iteration, the
+    # steady state between flushes.
     boot = random.Random(1)
-    base = ms["off"]
     for mode in MODES[1:]:
-        cur = ms.get(mode)
-        if not cur or not base:
-            continue
-        ratio = statistics.median(cur) / statistics.median(base)
-        draws = sorted(statistics.median(boot.choices(cur, k=len(cur))) / statistics.median(boot.choices(base, k=len(base)))
-                       for _ in range(4000))
-        out[f"{mode}_over_off"] = {"ratio": ratio, "ci95": [draws[100], draws[3899]]}
+        for stat, f in (("mean", statistics.fmean), ("median", statistics.median)):
+            ratios = [f(rd[mode]) / f(rd["off"]) for rd in per_round if mode in rd and "off" in rd]
+            if not ratios:
+                continue
+            draws = sorted(statistics.median(boot.choices(ratios, k=len(ratios))) for _ in range(4000))
+            out.setdefault(f"{mode}_over_off", {})[stat] = {"ratio": statistics.median(ratios),
+                                                             "ci95": [draws[100], draws[3899]], "rounds": len(ratios)}
+    # The flush itself: a probe window's flush iteration against its own median iteration.
+    flush = [rd[m][-1] - statistics.median(rd[m][:-1]) for rd in per_round for m in PROBE_MODES if m in rd]
+    if flush:
+        out["flush_extra_ms"] = {"median": statistics.median(flush), "n": len(flush)}
     return out
 
 

@@ -143,21 +143,33 @@ class RoutingAccumulator:
     def register_layer(self, slot: int) -> None:
         self._present[slot] = 1
 
-    def add_routing_map(self, slot: int, routing_map: torch.Tensor) -> None:
-        """Add one router call's [tokens, experts] boolean map to layer `slot`."""
-        colsum.add_column_sums(self._current_rows[slot], routing_map, self.use_triton)
+    def add_routing_map(self, slot: int, routing_map: torch.Tensor, flag: Optional[torch.Tensor] = None) -> None:
+        """Add one router call's [tokens, experts] boolean map to layer `slot`. `flag`: a call
+        captured into a CUDA graph passes the gate's device flag (CountingGate.capture_flag), and
+        every replay adds map x flag: nothing while no training iteration is open."""
+        if flag is None:
+            colsum.add_column_sums(self._current_rows[slot], routing_map, self.use_triton)
+        else:
+            self._current_rows[slot].add_(routing_map.sum(0) * flag)
         if self._current_domain is not None:
-            self._add_domains(slot, routing_map)
+            self._add_domains(slot, routing_map, flag)
 
-    def add_capacity_maps(self, slot: int, before: torch.Tensor, after: torch.Tensor) -> None:
+    def add_capacity_maps(self, slot: int, before: torch.Tensor, after: torch.Tensor,
+                          flag: Optional[torch.Tensor] = None) -> None:
         """Capacity path: the map before and after dropping. Kept = before & after is counted,
-        before & ~after goes to the dropped counts; padding (after & ~before) is not counted."""
-        colsum.add_kept_and_dropped(self._current_rows[slot], self._current_dropped_rows[slot], before, after,
-                                    self.use_triton)
+        before & ~after goes to the dropped counts; padding (after & ~before) is not counted.
+        `flag` as in add_routing_map."""
+        if flag is None:
+            colsum.add_kept_and_dropped(self._current_rows[slot], self._current_dropped_rows[slot], before, after,
+                                        self.use_triton)
+        else:
+            kept = (before & after).sum(0)
+            self._current_rows[slot].add_(kept * flag)
+            self._current_dropped_rows[slot].add_((before.sum(0) - kept) * flag)
         if self._current_domain is not None:
-            self._add_domains(slot, before & after)
+            self._add_domains(slot, before & after, flag)
 
-    def _add_domains(self, slot: int, routing_map: torch.Tensor) -> None:
+    def _add_domains(self, slot: int, routing_map: torch.Tensor, flag: Optional[torch.Tensor] = None) -> None:
         """One scatter-add of the call's map into [domain, expert] rows, by each token's domain."""
         if self._token_domain is None:
             return
@@ -165,7 +177,8 @@ class RoutingAccumulator:
         if n > self._token_domain.shape[0]:
             self.domain_tokens_unlabelled = True  # more tokens than the micro-batch that set domains
             return
-        self._current_domain_rows[slot].index_add_(0, self._token_domain[:n], routing_map.to(torch.long))
+        rows = routing_map.to(torch.long)
+        self._current_domain_rows[slot].index_add_(0, self._token_domain[:n], rows if flag is None else rows * flag)
 
     # ---- per micro-batch (host side, device kernels only) -------------------------------------
 

@@ -94,6 +94,12 @@ class IntegrityAccumulator:
         self._sizes = [int(torch.Size(s).numel()) for s in shapes.values()]
         self.buffer = torch.zeros(sum(self._sizes), dtype=torch.int64, device=device)
         self.views = self.unpack(self.buffer)
+        self.sent_rows = list(self.views["sent_count"].unbind(0))  # one view per layer, made once
+        # Counts the dispatcher already holds on the host (its tokens_per_expert after the
+        # exchange, the capacity of padded experts): added here with no kernel, moved into the
+        # buffer once per interval (fold_host_counts).
+        self.host_counts = {"sent_count": torch.zeros(L, E, dtype=torch.int64),
+                            "received_count": torch.zeros(L, E, dtype=torch.int64)}
         # Host-known numbers (tensor shapes, call counts), per slot: no kernel per call for them.
         self.rows_dispatched = [0] * L  # rows each rank dispatched (alltoall)
         self.rows_returned = [0] * L  # rows that came back from token_combine (alltoall)
@@ -107,6 +113,12 @@ class IntegrityAccumulator:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.views[name]
 
+    def fold_host_counts(self) -> None:
+        """Before the interval's all-reduce: the host-side counts into the device buffer."""
+        for name, counts in self.host_counts.items():
+            self.views[name] += counts.to(self.device)
+            counts.zero_()
+
     def host_part(self) -> torch.Tensor:
         return torch.tensor(self.rows_dispatched + self.rows_returned + self.count_calls + self.payload_calls,
                             dtype=torch.int64)
@@ -117,6 +129,8 @@ class IntegrityAccumulator:
 
     def reset(self) -> None:
         self.buffer.zero_()
+        for counts in self.host_counts.values():
+            counts.zero_()
         L = self.num_slots
         self.rows_dispatched, self.rows_returned, self.count_calls, self.payload_calls = [0] * L, [0] * L, [0] * L, [0] * L
 

@@ -109,9 +109,24 @@ class CountingGate:
         self._graph_warmup = graph_warmup
         self._cuda = torch.cuda.is_available()
         self._capturing = torch._C._cuda_isCurrentStreamCapturing if self._cuda else (lambda: False)
+        # `open` on the device, for kernels captured into CUDA graphs: a graph replays them with no
+        # Python, also where nothing counts (Megatron's local graphs replay the training graph for
+        # evaluation), so captured adds are multiplied by this flag. Set by `use_device`; one tiny
+        # fill per gate change (two per iteration), never under capture.
+        self.device_flag: Optional[torch.Tensor] = None
+
+    def use_device(self, device) -> None:
+        self.device_flag = torch.ones((), dtype=torch.long, device=device)
+
+    def capture_flag(self) -> Optional[torch.Tensor]:
+        """The device flag if this call is being captured into a CUDA graph, else None (eager: the
+        Python gate decided already)."""
+        return self.device_flag if self.captured and self._capturing() else None
 
     def _update(self) -> None:
         self.open = self.enabled and self.in_step
+        if self.device_flag is not None and not self._capturing():  # a fill under capture would replay
+            self.device_flag.fill_(int(self.open))
 
     def open_step(self) -> None:
         self.gated = True
@@ -335,7 +350,7 @@ class ProbeSession:
             except Exception as exc:
                 log.warning("moe-probe: detach failed: %r", exc)
         if self.gate.captured:  # the contributors' hooks run under capture too (same gate)
-            _keep_alive(self.accumulator, *self.contributors)
+            _keep_alive(self.accumulator, self.gate, *self.contributors)  # the gate: its device flag
 
     def _die(self, exc: BaseException) -> None:
         log.warning("moe-probe: stopped after an error (training continues): %r", exc)
@@ -398,6 +413,7 @@ def open_session(model_chunks, settings: ProbeSettings, *, run_meta: Optional[di
         if domains and dataset_to_domain is not None:
             accumulator.set_domain_table(dataset_to_domain)
         gate = CountingGate(hooks.graph_warmup)
+        gate.use_device(hooks.device)
         session = ProbeSession(hooks, accumulator, gate, settings)
         hooks.attach(accumulator, gate, session.fail)
         if settings.timing:

@@ -19,6 +19,7 @@ FLAGS = {
     "timing": "--moe-probe-timing",
     "timing_every": "--moe-probe-timing-every",
     "integrity": "--moe-probe-integrity",
+    "integrity_payload_every": "--moe-probe-integrity-payload-every",
     "gpus_per_node": "--moe-probe-gpus-per-node",
     "history": "--moe-probe-history",
     "heatmap_every": "--moe-probe-heatmap-every",
@@ -34,6 +35,10 @@ MAX_HISTORY = 1000  # per-step counts kept per interval, at most (bounds memory 
 # Dispatch integrity checks (docs/metrics.md): off, warn (a loud line, scalar, alert) or fail (also stop training).
 INTEGRITY_MODES = ("off", "warn", "fail")
 DEFAULT_INTEGRITY = "warn"
+# The payload fingerprint is off unless asked for: on one H100 it cost 11.8 ms of GPU time per MoE
+# layer forward at the Qwen3-30B-A3B shape (32,768 bf16 rows of 2,048), 27x that layer's expert
+# GEMMs (benchmarks/integrity_cost.py micro, docs/performance.md). N > 0 checks one iteration in N.
+DEFAULT_INTEGRITY_PAYLOAD_EVERY = 0
 # Per-iteration records: off, each iteration's [layer, expert] counts (default), or also its rank matrix.
 ITERATION_MODES = ("off", "counts", "matrix")
 DEFAULT_ITERATIONS = "counts"
@@ -57,6 +62,7 @@ class ProbeSettings:
     domains: str | None = None  # None: one domain per dataset of a blend; "off"; or a mapping (resolve_domains)
     timing_every: int = DEFAULT_TIMING_EVERY  # time one iteration in N
     integrity: str = DEFAULT_INTEGRITY  # one of INTEGRITY_MODES
+    integrity_payload_every: int = DEFAULT_INTEGRITY_PAYLOAD_EVERY  # 0: counts only; N: payload one iteration in N
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +72,8 @@ class ProbeSettings:
                timing: str | bool | None = None, gpus_per_node: int | None = None, history: int | None = None,
                heatmap_every: int = DEFAULT_HEATMAP_EVERY, iterations: str = DEFAULT_ITERATIONS,
                domains: str | None = None, timing_every: int = DEFAULT_TIMING_EVERY,
-               integrity: str = DEFAULT_INTEGRITY) -> "ProbeSettings":
+               integrity: str = DEFAULT_INTEGRITY,
+               integrity_payload_every: int = DEFAULT_INTEGRITY_PAYLOAD_EVERY) -> "ProbeSettings":
         """Settings with every default filled in the one way (the flags, the Bridge callback and
         the demo all come through here). `timing`: None/False off, True or "forward", "all".
         Raises ValueError naming the bad value."""
@@ -78,6 +85,8 @@ class ProbeSettings:
             raise ValueError(f"timing must be off (None), {' or '.join(map(repr, TIMING_MODES))}, got {timing!r}")
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"integrity must be one of {', '.join(INTEGRITY_MODES)}, got {integrity!r}")
+        if not isinstance(integrity_payload_every, int) or integrity_payload_every < 0:
+            raise ValueError(f"integrity_payload_every must be 0 (off) or a positive integer, got {integrity_payload_every!r}")
         if iterations not in ITERATION_MODES:
             raise ValueError(f"iterations must be one of {', '.join(ITERATION_MODES)}, got {iterations!r}")
         for name, value in (("interval", interval), ("heatmap_every", heatmap_every), ("timing_every", timing_every),
@@ -87,7 +96,7 @@ class ProbeSettings:
         return cls(interval=interval, writers=list(writers or ["local"]), out_dir=out_dir, timing=timing,
                    gpus_per_node=gpus_per_node, history=min(history or interval, MAX_HISTORY),
                    heatmap_every=heatmap_every, iterations=iterations, domains=domains, timing_every=timing_every,
-                   integrity=integrity)
+                   integrity=integrity, integrity_payload_every=integrity_payload_every)
 
 
 def probe_flags(**values: Any) -> list[str]:

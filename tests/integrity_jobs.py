@@ -93,7 +93,8 @@ def exchange_check(session, **changes):
     put in, so the check's hooks sit outside the fault), as the session's factory would."""
     from megatron_moe_probe.megatron.exchange_check import ExchangeCheck
 
-    settings = replace(session.settings, integrity=changes.pop("mode", "fail"))
+    settings = replace(session.settings, integrity=changes.pop("mode", "fail"),
+                       integrity_payload_every=changes.pop("payload_every", 8))
     check = next(c for c in session.hooks.make_checks(session.gate, settings, request_stop=session.request_stop,
                                                       announce=True) if isinstance(c, ExchangeCheck))
     for name, value in changes.items():
@@ -153,7 +154,7 @@ def clean_variants(rank, world, cfg, variants: dict, steps=2):
         c = cfg.with_(**changes)
         jobs._reseed(c)
         model = cc.build_model(c)
-        session = jobs.attach([model], integrity="fail")
+        session = jobs.attach([model], integrity="fail", integrity_payload_every=1)
         next(x for x in session.contributors if isinstance(x, ExchangeCheck)).payload_every = 1
         first = run_interval(session, model, c, rank, steps)
         next(x for x in session.contributors if isinstance(x, ExchangeCheck)).payload_every = 2
@@ -217,7 +218,8 @@ def session_with_fault(rank, world, cfg, out_dir, steps, interval, fault_at, mod
     cc.init_parallel(cfg)
     jobs._reseed(cfg)
     model = cc.build_model(cfg)
-    settings = ProbeSettings.create(interval, writers=["local"], out_dir=out_dir, gpus_per_node=1, integrity=mode)
+    settings = ProbeSettings.create(interval, writers=["local"], out_dir=out_dir, gpus_per_node=1, integrity=mode,
+                                    integrity_payload_every=8)
     session = open_session([model], settings, run_meta={"test": True}, writer=rank == world - 1)
     iteration = [0]
     if fault_at and rank == 0:

@@ -353,3 +353,59 @@ def domains_vs_dispatcher(rank, world, cfg, prefixes, cache, steps=3, matrix=Tru
     snap = probe.snapshot()
     probe.detach()
     return {"snapshot": snap, "truth": truth, "layout": probe.layout}
+
+
+def graph_safety(rank, world, cfg):
+    """Every live piece on (counting with capacity dropping, sampled timing with backward, the
+    integrity check, router health), then Megatron's own check that a layer may be graphed by
+    `--cuda-graph-impl local`: any user forward pre-hook on a graphed module is refused."""
+    from megatron.core.transformer.cuda_graphs import CudaGraphManager
+
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    session = open_session([model], ProbeSettings.create(1000, timing="all", integrity="warn"))
+    with_pre_hooks = [name for name, m in model.named_modules() if m._forward_pre_hooks]
+    refused = None
+    try:
+        for module in model.modules():
+            CudaGraphManager.call_ddp_preforward_hook(None, module)  # what a graph replay runs first
+    except AssertionError as exc:
+        refused = str(exc).split(",")[0]
+    session.start_step()
+    cc.forward_backward(model, batch(cfg, rank, 1))
+    session.step()
+    snap = session.snapshot()
+    session.detach()
+    return {"pre_hooks": with_pre_hooks, "refused": refused, "dropped": snap.dropped_per_expert,
+            "tokens": snap.tokens_per_expert, "contributors": [c.name for c in session.contributors]}
+
+
+def graph_replays(rank, world, cfg):
+    """CUDA-graph replays, as far as a CPU can show them. The gate is told a capture is running
+    (torch's own capture query replaced), so the hooks take their capture path; each forward
+    then stands for one replay of the captured kernels. A training iteration's replay counts;
+    a replay outside any iteration (Megatron's local graphs replay the training graph for
+    evaluation) must count nothing, though every hook runs."""
+    cc.init_parallel(cfg)
+    model = cc.build_model(cfg)
+    session = open_session([model], ProbeSettings.create(1000))
+    gate = session.gate
+    gate._cuda = True
+
+    def replay(step):  # the capture query says yes only while the "graph" runs
+        gate._capturing = lambda: True
+        cc.forward_backward(model, batch(cfg, rank, step))
+        gate._capturing = lambda: False
+
+    session.start_step()  # a training iteration: replay twice (two micro-batches)
+    replay(1)
+    replay(2)
+    session.after_step(1)
+    replay(3)  # between iterations: the evaluation replay
+    session.start_step()
+    replay(4)
+    session.after_step(2)
+    snap = session.snapshot()
+    blocks = dict(snap.extras)
+    session.detach()
+    return {"tokens": snap.tokens_per_expert, "dropped": snap.dropped_per_expert, "extras": blocks}

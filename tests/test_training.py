@@ -69,6 +69,10 @@ def test_flags_through_megatrons_parser():
     # The history is capped the one way (settings.ProbeSettings.create) whatever builds the settings.
     assert flags.resolve(_parse(["--moe-probe", "--moe-probe-interval", "5000"])).history == 1000
     assert flags.resolve(_parse(["--moe-probe"])).timing is None
+    # The payload fingerprint is off unless asked for; the count check is on (warn).
+    plain = flags.resolve(_parse(["--moe-probe"]))
+    assert (plain.integrity, plain.integrity_payload_every) == ("warn", 0)
+    assert flags.resolve(_parse(["--moe-probe", "--moe-probe-integrity-payload-every", "4"])).integrity_payload_every == 4
     # Defaults: interval from --log-interval; tensorboard/wandb added when Megatron has them.
     args = _parse(["--moe-probe", "--log-interval", "7", "--tensorboard-dir", "/tmp/tb", "--save", "/tmp/ck"])
     settings = flags.resolve(args)
@@ -82,6 +86,7 @@ def test_flags_through_megatrons_parser():
     (["--moe-probe-interval", "0"], "expected a positive integer"),
     (["--moe-probe-interval", "ten"], "expected a positive integer"),
     (["--moe-probe-timing", "backward"], "invalid choice: 'backward'"),
+    (["--moe-probe-integrity-payload-every", "-1"], "expected 0 or a positive integer"),
 ])
 def test_bad_flag_values_are_one_clear_parser_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -28,7 +28,8 @@ import os
 import time
 from typing import Any, Iterable, Optional
 
-from megatron_moe_probe.settings import DEFAULT_HEATMAP_EVERY, DEFAULT_TIMING_EVERY, ProbeSettings
+from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_INTEGRITY, DEFAULT_INTEGRITY_PAYLOAD_EVERY,
+                                        DEFAULT_TIMING_EVERY, ProbeSettings)
 
 log = logging.getLogger("megatron_moe_probe")
 
@@ -54,7 +55,8 @@ class MoEProbeCallback:
     def __init__(self, interval: int = 10, writers: Iterable[str] | str | None = None, out_dir: Optional[str] = None,
                  *, gpus_per_node: Optional[int] = None, timing: bool | str | None = False,
                  heatmap_every: int = DEFAULT_HEATMAP_EVERY, history: Optional[int] = None,
-                 timing_every: int = DEFAULT_TIMING_EVERY) -> None:
+                 timing_every: int = DEFAULT_TIMING_EVERY, integrity: str = DEFAULT_INTEGRITY,
+                 integrity_payload_every: int = DEFAULT_INTEGRITY_PAYLOAD_EVERY) -> None:
         from megatron_moe_probe.writers.base import parse_writer_names
 
         if interval < 1:
@@ -67,6 +69,7 @@ class MoEProbeCallback:
         self.heatmap_every = heatmap_every
         self.history = history
         self.timing_every = timing_every
+        self.integrity, self.integrity_payload_every = integrity, integrity_payload_every
         # Every default filled the one way (settings.py), and a bad value fails here, before training.
         self.settings = self._settings(out_dir or "")
         self.session = None
@@ -111,7 +114,8 @@ class MoEProbeCallback:
     def _settings(self, out_dir: str) -> ProbeSettings:
         return ProbeSettings.create(self.interval, writers=self.writer_names, out_dir=out_dir, timing=self.timing,
                                     gpus_per_node=self.gpus_per_node, history=self.history,
-                                    heatmap_every=self.heatmap_every, timing_every=self.timing_every)
+                                    heatmap_every=self.heatmap_every, timing_every=self.timing_every,
+                                    integrity=self.integrity, integrity_payload_every=self.integrity_payload_every)
 
     def _start(self, context: Any) -> None:
         from megatron_moe_probe.session import open_session

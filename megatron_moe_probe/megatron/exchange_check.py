@@ -29,20 +29,29 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_moe_probe import integrity, integrity_report
+from megatron_moe_probe import colsum, integrity, integrity_report
 from megatron_moe_probe.integrity import IntegrityAccumulator, row_fingerprints, segment_sums
+from megatron_moe_probe.megatron.method_wrap import MethodWrap
 
 log = logging.getLogger("megatron_moe_probe")
 
 MODES = ("off", "warn", "fail")
-# The payload check costs ~50 ATen ops per layer forward (benchmarks/integrity_cost.py): sampled on
-# iterations 0, N, 2N, ... since attach; the count check runs on every iteration.
-DEFAULT_PAYLOAD_EVERY = 8
+# The payload check (an int8-GEMM fingerprint of every row, ~50 ATen ops per layer forward) cost 11.8 ms
+# of H100 GPU time per layer forward at the Qwen3-30B-A3B shape (benchmarks/integrity_cost.py micro):
+# off unless asked for (settings.DEFAULT_INTEGRITY_PAYLOAD_EVERY = 0); N > 0 samples iterations 0, N,
+# 2N, ... since attach. The count check runs on every iteration.
+DEFAULT_PAYLOAD_EVERY = 0
 _METHODS = ("dispatch_preprocess", "dispatch_postprocess", "combine_preprocess", "combine_postprocess")
 
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def captured_note(slots) -> str:
+    """The `unchecked` entry naming the layers whose dispatch a CUDA graph captured."""
+    layers = ",".join(str(s + 1) for s in sorted(slots))
+    return f"layers {layers}: dispatch captured in a CUDA graph"
 
 
 class _Call:
@@ -65,13 +74,13 @@ class ExchangeCheck:
                  ep_size: int, device: torch.device, payload_every: int = DEFAULT_PAYLOAD_EVERY,
                  mode: str = "warn", announce: bool = True,
                  request_stop: Optional[Callable[[str], None]] = None,
-                 capturing: Callable[[], bool] = _capturing):
+                 capturing: Callable[[], bool] = _capturing, use_triton: bool = False):
         """gate(router): does this forward count (the session's counting gate); capturing(): is a
         CUDA graph being captured (the gate's own, which asks CUDA once). mode "warn" logs a
         violation (where `announce`: one rank, the writers' rank), "fail" also calls
         `request_stop(line)` on every rank, which ends training at the iteration boundary."""
-        if payload_every < 1:
-            raise ValueError(f"payload_every must be >= 1, got {payload_every}")
+        if payload_every < 0:
+            raise ValueError(f"payload_every must be 0 (off) or positive, got {payload_every}")
         if mode not in MODES:
             raise ValueError(f"integrity mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.gate, self.capturing = gate, capturing
@@ -80,10 +89,12 @@ class ExchangeCheck:
         self.payload_every = payload_every
         self.acc = IntegrityAccumulator(num_slots, num_experts, device)
         self.device = device
+        self.use_triton = use_triton  # the routing-map column sums by colsum.py's one kernel (as the router hook)
         self.iteration = 0  # counted iterations since attach: payload on iterations 0, N, 2N...
         self.unchecked: list[str] = []
+        self.captured_slots: set[int] = set()  # layers whose dispatch ran inside a CUDA-graph capture
         self.enabled = True
-        self._wrapped: list[tuple[object, str, object]] = []  # (dispatcher, method, our wrapper)
+        self._wrapped: list[MethodWrap] = []
         self._full_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     # ---- contributor protocol --------------------------------------------------------------
@@ -92,6 +103,9 @@ class ExchangeCheck:
         for b in bindings:
             kind = type(b.dispatcher).__name__
             if kind not in ("MoEAlltoAllTokenDispatcher", "MoEAllGatherTokenDispatcher"):
+                if kind not in self.unchecked and self.announce:
+                    log.warning("moe-probe: dispatch integrity is not checked for %s (alltoall and allgather "
+                                "only); the routing counts are still exact", kind)
                 self.unchecked.append(kind)
                 continue
             for method in _METHODS:
@@ -100,11 +114,8 @@ class ExchangeCheck:
                 self._wrap(b, method)
 
     def detach(self) -> None:
-        for dispatcher, method, wrapper in self._wrapped:
-            if dispatcher.__dict__.get(method) is wrapper:
-                del dispatcher.__dict__[method]
-            else:  # another wrapper sits on top of ours: leave it, ours passes through
-                wrapper._moe_probe_off = True
+        for wrap in self._wrapped:
+            wrap.remove()
         self._wrapped.clear()
         self.enabled = False
 
@@ -112,11 +123,15 @@ class ExchangeCheck:
         self.iteration += 1
 
     def device_parts(self) -> list[torch.Tensor]:
+        self.acc.fold_host_counts()
         return [self.acc.buffer, self.acc.host_part().to(self.device)]
 
     def read(self, reduced: list[torch.Tensor], snapshot) -> integrity.Verdict:
+        unchecked = list(self.unchecked)
+        if self.captured_slots:
+            unchecked.append(captured_note(self.captured_slots))
         verdict = integrity.judge(reduced[0], reduced[1], self.acc, ep_size=self.ep_size,
-                                  payload_every=self.payload_every, unchecked=self.unchecked)
+                                  payload_every=self.payload_every, unchecked=unchecked)
         extras = getattr(snapshot, "extras", None)
         if extras is None:
             extras = snapshot.extras = {}
@@ -141,26 +156,27 @@ class ExchangeCheck:
 
     @property
     def payload_now(self) -> bool:
-        return self.iteration % self.payload_every == 0
+        return self.payload_every > 0 and self.iteration % self.payload_every == 0
 
     def _wrap(self, binding, method: str) -> None:
         dispatcher = binding.dispatcher
         state = dispatcher.__dict__.setdefault("_moe_probe_call", _Call())
-        original = getattr(dispatcher, method)
         observe = getattr(self, "_" + method)
 
-        def wrapper(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if self.enabled and not getattr(wrapper, "_moe_probe_off", False):
-                try:
-                    with torch.no_grad():
-                        observe(binding, dispatcher, state, args, out)
-                except Exception as exc:  # never break training
-                    self._fail(exc)
-            return out
+        def make(original):
+            def wrapper(*args, **kwargs):
+                out = original(*args, **kwargs)
+                if self.enabled:
+                    try:
+                        with torch.no_grad():
+                            observe(binding, dispatcher, state, args, out)
+                    except Exception as exc:  # never break training
+                        self._fail(exc)
+                return out
 
-        dispatcher.__dict__[method] = wrapper
-        self._wrapped.append((dispatcher, method, wrapper))
+            return wrapper
+
+        self._wrapped.append(MethodWrap(dispatcher, method, make))
 
     def _fail(self, exc: BaseException) -> None:
         log.warning("moe-probe: dispatch integrity check off after an error (training continues): %r", exc)
@@ -174,30 +190,50 @@ class ExchangeCheck:
         return t
 
     def _dispatch_preprocess(self, binding, d, state: _Call, args, out) -> None:
-        state.active = self.gate(binding.router) and not self.capturing()
+        state.active = self.gate(binding.router)
+        if state.active and self.capturing():
+            # A replay runs no Python: this layer's exchange goes unchecked, and the record says so.
+            state.active = False
+            if binding.slot not in self.captured_slots:
+                self.captured_slots.add(binding.slot)
+                if self.announce and len(self.captured_slots) == 1:
+                    log.warning("moe-probe: dispatch integrity is not checked where the dispatch is captured "
+                                "into a CUDA graph (here from layer %d on; the record's integrity block lists "
+                                "the layers); the routing counts are still exact", binding.slot + 1)
         if not state.active:
             return
         state.payload = self.payload_now
         slot, acc = binding.slot, self.acc
         rows = out[0]
         factor = d.tp_size  # expert-TP peers each receive every row: they hold the same experts
+        counts = None  # rows per global expert as sent, as a device tensor (payload iterations only)
         if type(d).__name__ == "MoEAllGatherTokenDispatcher":
-            mask = d.routing_map.to(torch.int64)  # [T, E] of this rank's tokens
-            counts = mask.sum(0)
             if state.payload:
+                mask = d.routing_map.to(torch.int64)  # [T, E] of this rank's tokens
+                counts = mask.sum(0)
                 fp = row_fingerprints(rows).to(torch.float64)
                 acc["dispatch_sent"][slot] += (mask.t().to(torch.float64) @ fp).to(torch.int64) * factor
         else:
-            if d.drop_and_pad:
-                counts = self._full(acc.num_experts, int(d.capacity))
-            else:
+            if d.drop_and_pad:  # every expert gets `capacity` rows (padding included): known on the host
+                acc.host_counts["sent_count"][slot] += int(d.capacity) * factor
+                if state.payload:
+                    counts = self._full(acc.num_experts, int(d.capacity))
+            elif state.payload:
                 counts = d.routing_map.sum(0)  # int64
             if state.payload:
                 sums = segment_sums(row_fingerprints(rows), counts)
                 acc["dispatch_sent"][slot] += sums * factor if factor != 1 else sums
             acc.rows_dispatched[slot] += int(rows.shape[0])
+        padded = type(d).__name__ != "MoEAllGatherTokenDispatcher" and d.drop_and_pad
+        if padded:
+            pass  # added on the host above
+        elif counts is not None:
+            acc["sent_count"][slot] += counts * factor if factor != 1 else counts
+        elif factor == 1:  # the routing map's column sums, added in place: one kernel where Triton runs
+            colsum.add_column_sums(acc.sent_rows[slot], d.routing_map, self.use_triton)
+        else:
+            acc["sent_count"][slot] += d.routing_map.sum(0) * factor
         state.sent_counts = counts
-        acc["sent_count"][slot] += counts * factor if factor != 1 else counts
         acc.count_calls[slot] += 1
         acc.payload_calls[slot] += int(state.payload)
 
@@ -207,11 +243,17 @@ class ExchangeCheck:
         state.active = False
         state.combining = type(d).__name__ == "MoEAlltoAllTokenDispatcher"
         rows, tokens_per_expert = out[0], out[1]
-        per_local = torch.as_tensor(tokens_per_expert).to(self.device, torch.int64, non_blocking=True)
         lo = d.local_expert_indices[0]
         hi = lo + len(d.local_expert_indices)
-        self.acc["received_count"][binding.slot, lo:hi] += per_local
+        on_device = isinstance(tokens_per_expert, torch.Tensor) and tokens_per_expert.device.type != "cpu"
+        if on_device:
+            per_local = tokens_per_expert.to(torch.int64)
+            self.acc["received_count"][binding.slot, lo:hi] += per_local
+        else:  # Megatron moved its counts to the host (and synchronized) for the experts: add them there
+            self.acc.host_counts["received_count"][binding.slot, lo:hi] += torch.as_tensor(tokens_per_expert)
         if state.payload:
+            if not on_device:
+                per_local = torch.as_tensor(tokens_per_expert).to(self.device, torch.int64, non_blocking=True)
             self.acc["dispatch_received"][binding.slot, lo:hi] += segment_sums(row_fingerprints(rows), per_local)
 
     def _combine_preprocess(self, binding, d, state: _Call, args, out) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_INTEGRITY, DEFAULT_ITERATIONS, DEFAULT_TIMING_EVERY,
-                                        FLAGS, INTEGRITY_MODES, ITERATION_MODES, MAX_HISTORY, TIMING_MODES, ProbeSettings,
+from megatron_moe_probe.settings import (DEFAULT_HEATMAP_EVERY, DEFAULT_INTEGRITY, DEFAULT_INTEGRITY_PAYLOAD_EVERY,
+                                        DEFAULT_ITERATIONS, DEFAULT_TIMING_EVERY, FLAGS, INTEGRITY_MODES, ITERATION_MODES, MAX_HISTORY, TIMING_MODES, ProbeSettings,
                                         dest)
 from megatron_moe_probe.writers.base import WRITER_NAMES
 
@@ -34,14 +34,21 @@ def _writer_list(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "0 or a positive integer")
 
 
 def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,8 +73,12 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "every N-th; the record's meta.timing_every says N and meta.timing_sampled_iterations how many")
     g.add_argument(FLAGS["integrity"], choices=INTEGRITY_MODES, default=DEFAULT_INTEGRITY,
                    help="check on the device that the token dispatcher delivered what the router decided (counts "
-                        "and an exact fingerprint of the rows, every interval): warn (default) logs a violation, "
-                        "fail also stops training at that iteration, off skips the check")
+                        "of every forward, per layer and expert, judged every interval): warn (default) logs a "
+                        "violation, fail also stops training at that iteration, off skips the check")
+    g.add_argument(FLAGS["integrity_payload_every"], type=_non_negative_int, default=DEFAULT_INTEGRITY_PAYLOAD_EVERY,
+                   help="also check an exact fingerprint of the rows themselves (corrupted values, swapped rows) on "
+                        "one iteration in N; 0, the default, checks counts only: the fingerprint costs several "
+                        "times a MoE layer's expert GEMMs on the iterations it runs (docs/performance.md)")
     g.add_argument(FLAGS["gpus_per_node"], type=_positive_int, default=None,
                    help="GPUs per node for local / intra-node / inter-node traffic (default: LOCAL_WORLD_SIZE)")
     g.add_argument(FLAGS["history"], type=_positive_int, default=None,
@@ -101,7 +112,8 @@ def flags_without_probe(args) -> list[str]:
     if getattr(args, dest("enabled"), False):
         return []
     defaults = {dest("heatmap_every"): DEFAULT_HEATMAP_EVERY, dest("iterations"): DEFAULT_ITERATIONS,
-                dest("timing_every"): DEFAULT_TIMING_EVERY, dest("integrity"): DEFAULT_INTEGRITY}
+                dest("timing_every"): DEFAULT_TIMING_EVERY, dest("integrity"): DEFAULT_INTEGRITY,
+                dest("integrity_payload_every"): DEFAULT_INTEGRITY_PAYLOAD_EVERY}
     prefix = dest("enabled") + "_"
     return [
         "--" + name.replace("_", "-")
@@ -141,6 +153,7 @@ def resolve(args) -> ProbeSettings:
         domains=given["domains"],
         timing_every=given["timing_every"] or DEFAULT_TIMING_EVERY,
         integrity=given["integrity"] or DEFAULT_INTEGRITY,
+        integrity_payload_every=given["integrity_payload_every"] or DEFAULT_INTEGRITY_PAYLOAD_EVERY,
     )
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from megatron_moe_probe import stats
 from megatron_moe_probe.accumulator import RankLayout
+from megatron_moe_probe.megatron.method_wrap import MethodWrap
 from megatron_moe_probe.megatron.runtime import layer_runtime
 
 log = logging.getLogger("megatron_moe_probe")
@@ -215,7 +216,9 @@ class MegatronRouterHooks:
         for binding in self.bindings:
             router = binding.router
             if self.capacity:  # the dropping wrapper counts; it needs to know which router is running
-                self._handles.append(router.register_forward_pre_hook(self._make_pre_hook(binding)))
+                # (a wrapper of router.routing, not a forward pre-hook: Megatron's local CUDA graphs
+                # refuse graphed layers whose submodules carry user pre-hooks)
+                self._handles.append(MethodWrap(router, "routing", self._make_routing_wrapper(binding)))
                 self._handles.append(router.register_forward_hook(self._make_capacity_fallback(binding)))
             else:
                 self._handles.append(router.register_forward_hook(self._make_hook(binding)))
@@ -254,25 +257,33 @@ class MegatronRouterHooks:
 
         slots, experts = self.layout.num_layer_slots, self.layout.num_experts
         checks = [RouterHealth(gate.should_count, num_slots=slots, num_experts=experts, device=self.device,
-                               weight=self.layout.count_weight)]
+                               weight=self.layout.count_weight, capturing=gate.capturing)]
         if settings.integrity != "off":
             checks.append(ExchangeCheck(gate.should_count, num_slots=slots, num_experts=experts,
                                         ep_size=self.layout.ep_size, device=self.device, mode=settings.integrity,
+                                        payload_every=settings.integrity_payload_every,
+                                        use_triton=self.accumulator.use_triton,
                                         announce=announce, request_stop=request_stop, capturing=gate.capturing))
         return checks
 
     # ---- hooks: the hot path -----------------------------------------------------------------
 
-    def _make_pre_hook(self, binding: LayerBinding):
-        ctx, gate = self._ctx, self.gate
+    def _make_routing_wrapper(self, binding: LayerBinding):
+        ctx, gate, router = self._ctx, self.gate, binding.router
 
-        def pre_hook(module, args):
-            try:
-                ctx.binding = binding if (gate.open or gate.capturing()) and gate.should_count(module) else None
-            except Exception as exc:  # never break training
-                self._fail(exc)
+        def make(original):
+            def routing(*args, **kwargs):
+                try:
+                    counted = (gate.open or gate.capturing()) and gate.should_count(router)
+                    ctx.binding = binding if counted else None
+                except Exception as exc:  # never break training
+                    ctx.binding = None
+                    self._fail(exc)
+                return original(*args, **kwargs)
 
-        return pre_hook
+            return routing
+
+        return make
 
     def _make_hook(self, binding: LayerBinding):
         gate, slot = self.gate, binding.slot
@@ -286,7 +297,7 @@ class MegatronRouterHooks:
                 return
             try:
                 if gate.should_count(module):
-                    add(slot, output[1])
+                    add(slot, output[1], gate.capture_flag())
             except Exception as exc:
                 self._fail(exc)
 
@@ -302,7 +313,7 @@ class MegatronRouterHooks:
                 return
             ctx.binding = None
             try:
-                self.accumulator.add_routing_map(slot, output[1])
+                self.accumulator.add_routing_map(slot, output[1], self.gate.capture_flag())
             except Exception as exc:
                 self._fail(exc)
 
@@ -314,7 +325,7 @@ class MegatronRouterHooks:
             return
         self._ctx.binding = None  # one count per router call
         try:
-            self.accumulator.add_capacity_maps(binding.slot, before, after)
+            self.accumulator.add_capacity_maps(binding.slot, before, after, self.gate.capture_flag())
         except Exception as exc:
             self._fail(exc)
 

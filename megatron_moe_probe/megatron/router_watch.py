@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from megatron_moe_probe import router_health
+from megatron_moe_probe.megatron.method_wrap import MethodWrap
 from megatron_moe_probe.router_health import RouterHealthAccumulator
 
 log = logging.getLogger("megatron_moe_probe")
@@ -29,13 +30,17 @@ class RouterHealth:
     name = "router_health"
 
     def __init__(self, gate: Callable[[object], bool], *, num_slots: int, num_experts: int,
-                 device: torch.device, weight: int = 1, every: int = DEFAULT_EVERY):
+                 device: torch.device, weight: int = 1, every: int = DEFAULT_EVERY,
+                 capturing: Callable[[], bool] = lambda: False):
         """weight 0: this rank's routers see a copy of another rank's tokens (TP without
         sequence parallelism), so it adds nothing but the expert bias. every: the score
         statistics sample iterations 0, N, 2N, ... since attach."""
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.gate = gate
+        self.gate, self.capturing = gate, capturing
+        # Layers whose routing ran inside a CUDA-graph capture: their score statistics are not
+        # sampled (a replay runs no Python, so it could not keep to one iteration in N).
+        self.captured_slots: set[int] = set()
         self.weight = weight
         self.every = every
         self.iteration = 0
@@ -43,7 +48,7 @@ class RouterHealth:
         self.acc = RouterHealthAccumulator(num_slots, num_experts, device)
         self.bindings: list = []
         self.enabled = True
-        self._wrapped: list[tuple[object, object]] = []
+        self._wrapped: list[MethodWrap] = []
 
     def attach(self, bindings) -> None:
         for b in bindings:
@@ -52,29 +57,32 @@ class RouterHealth:
 
     def _wrap(self, binding) -> None:
         router = binding.router
-        original = router.routing
         config = router.config
 
-        def routing(logits, *args, **kwargs):
-            probs, routing_map = original(logits, *args, **kwargs)
-            if self.enabled and self.weight and self.iteration % self.every == 0 and self.gate(router):
-                try:
-                    with torch.no_grad():
-                        self.acc.record(binding.slot, logits, routing_map, topk=config.moe_router_topk,
-                                        score_function=config.moe_router_score_function,
-                                        expert_bias=getattr(router, "expert_bias", None))
-                except Exception as exc:  # never break training
-                    log.warning("moe-probe: router health off after an error (training continues): %r", exc)
-                    self.enabled = False
-            return probs, routing_map
+        def make(original):
+            def routing(logits, *args, **kwargs):
+                probs, routing_map = original(logits, *args, **kwargs)
+                if self.enabled and self.weight and self.iteration % self.every == 0 and self.gate(router):
+                    if self.capturing():
+                        self.captured_slots.add(binding.slot)
+                        return probs, routing_map
+                    try:
+                        with torch.no_grad():
+                            self.acc.record(binding.slot, logits, routing_map, topk=config.moe_router_topk,
+                                            score_function=config.moe_router_score_function,
+                                            expert_bias=getattr(router, "expert_bias", None))
+                    except Exception as exc:  # never break training
+                        log.warning("moe-probe: router health off after an error (training continues): %r", exc)
+                        self.enabled = False
+                return probs, routing_map
 
-        router.__dict__["routing"] = routing
-        self._wrapped.append((router, routing))
+            return routing
+
+        self._wrapped.append(MethodWrap(router, "routing", make))
 
     def detach(self) -> None:
-        for router, wrapper in self._wrapped:
-            if router.__dict__.get("routing") is wrapper:
-                del router.__dict__["routing"]
+        for wrap in self._wrapped:
+            wrap.remove()
         self._wrapped.clear()
         self.enabled = False
 
@@ -99,6 +107,9 @@ class RouterHealth:
             layers = [s + 1 for s in (reduced[1][-self.acc.num_slots:] > 0).nonzero().flatten().tolist()]
         block = router_health.summarize(reduced[0], reduced[1], self.acc, [x - 1 for x in layers], exact)
         block["every"], block["sampled_iterations"] = self.every, self.sampled
+        if self.captured_slots:  # their score statistics are missing, not zero
+            block["unsampled_layers"] = sorted(s + 1 for s in self.captured_slots)
+            block["unsampled_reason"] = "routing captured in a CUDA graph"
         extras = getattr(snapshot, "extras", None)
         if extras is None:
             extras = snapshot.extras = {}

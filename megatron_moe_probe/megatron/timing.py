@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import torch
 
+from megatron_moe_probe.megatron.method_wrap import MethodWrap
 from megatron_moe_probe.record import PHASES
 
 log = logging.getLogger("megatron_moe_probe")
@@ -77,7 +78,7 @@ class DispatcherTimer:
         self.pool = _EventPool(max_events, preallocate=4 * per_iteration if torch.cuda.is_available() else 0)
         self._pairs: list[tuple[int, str, object, object]] = []
         self.skipped = 0
-        self._restore: list[tuple[object, str, object]] = []
+        self._restore: list[MethodWrap] = []
         for b in bindings:
             for method, phase in (("token_dispatch", "dispatch"), ("token_combine", "combine")):
                 if hasattr(b.dispatcher, method):
@@ -92,32 +93,32 @@ class DispatcherTimer:
 
     def _wrap(self, binding, method: str, phase: str) -> None:
         dispatcher, slot, router = binding.dispatcher, binding.slot, binding.router
-        original = getattr(dispatcher, method)
         timer, gate = self, self.gate
         forward_phase = f"{phase}_fwd"
 
-        def timed(*args, **kwargs):
-            # Untimed iterations: one attribute read. CUDA events cannot be recorded inside a
-            # graph capture: only eager calls of counted passes are timed.
-            if not timer.active or not gate.should_count(router) or gate.capturing():
-                return original(*args, **kwargs)
-            start = timer.pool.take()
-            if start is not None:
-                start.record()
-            out = original(*args, **kwargs)
-            end = timer.pool.take()
-            if start is None or end is None:
-                timer.skipped += 1
+        def make(original):
+            def timed(*args, **kwargs):
+                # Untimed iterations: one attribute read. CUDA events cannot be recorded inside a
+                # graph capture: only eager calls of counted passes are timed.
+                if not timer.active or not gate.should_count(router) or gate.capturing():
+                    return original(*args, **kwargs)
+                start = timer.pool.take()
+                if start is not None:
+                    start.record()
+                out = original(*args, **kwargs)
+                end = timer.pool.take()
+                if start is None or end is None:
+                    timer.skipped += 1
+                    return out
+                end.record()
+                timer._pairs.append((slot, forward_phase, start, end))
+                if timer.backward:
+                    timer._time_backward(slot, phase, _first_tensor(args), _first_tensor(out))
                 return out
-            end.record()
-            timer._pairs.append((slot, forward_phase, start, end))
-            if timer.backward:
-                timer._time_backward(slot, phase, _first_tensor(args), _first_tensor(out))
-            return out
 
-        previous = dispatcher.__dict__.get(method)  # another wrapper already on the instance, if any
-        dispatcher.__dict__[method] = timed  # instance attribute shadows the bound method
-        self._restore.append((dispatcher, method, previous))
+            return timed
+
+        self._restore.append(MethodWrap(dispatcher, method, make))
 
     def _time_backward(self, slot: int, phase: str, inp, out) -> None:
         if inp is None or out is None or not (inp.requires_grad and out.requires_grad):
@@ -181,9 +182,6 @@ class DispatcherTimer:
         return out
 
     def remove(self) -> None:
-        for dispatcher, method, previous in reversed(self._restore):
-            if previous is None:
-                dispatcher.__dict__.pop(method, None)
-            else:
-                dispatcher.__dict__[method] = previous
+        for wrap in reversed(self._restore):
+            wrap.remove()
         self._restore.clear()
