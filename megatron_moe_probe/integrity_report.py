@@ -45,6 +45,30 @@ def violation_line(block: Optional[dict], last_iteration: int, iterations: int) 
             f"{where}: {_size(v)}" + (f" [+{more} more in the record's integrity block]" if more else ""))
 
 
+def run_summary(reports) -> Optional[dict]:
+    """The dispatch integrity of a whole run, from its records (objects with .meta, .step,
+    .steps): {"state": "violated" | "unchecked" | "clean", "line": one line to print}, or None
+    where no record has the block (the check was off, or the run predates it)."""
+    blocks = [(r, extras_of(r.meta).get(INTEGRITY)) for r in reports]
+    blocks = [(r, b) for r, b in blocks if b]
+    if not blocks:
+        return None
+    calls = sum(b["count_calls"] for _, b in blocks)
+    payload = sum(b["payload_calls"] for _, b in blocks)
+    checked = f"{calls:,} forwards count-checked, {payload:,} payload-checked"
+    bad = [(r, b) for r, b in blocks if not b.get("ok", True) and not b.get("incomplete")]
+    if bad:
+        r, b = bad[0]
+        first = violation_line(b, int(r.step), int(r.steps)).removeprefix("moe-probe: ")
+        return {"state": "violated", "records": len(bad),
+                "line": f"{first}; violations in {len(bad)} of {len(blocks)} records ({checked})"}
+    unchecked = sorted({u for _, b in blocks for u in b.get("unchecked", [])})
+    if unchecked or not calls:
+        why = "; ".join(unchecked) or "no forward was checked"
+        return {"state": "unchecked", "line": f"dispatch integrity: clean where checked ({checked}); unchecked: {why}"}
+    return {"state": "clean", "line": f"dispatch integrity: clean ({checked})"}
+
+
 def extras_scalars(meta: dict[str, Any], prefix: str = "moe") -> dict[str, float]:
     out: dict[str, float] = {}
     extras = extras_of(meta)

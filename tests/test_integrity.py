@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import integrity_jobs as ij
+from helpers import cli
 from megatron_moe_probe import integrity, integrity_report
 from megatron_moe_probe.cpu.cluster import TinyMoEConfig, run_ranks
 
@@ -171,6 +172,47 @@ def test_session_fail_mode_stops_at_the_interval_that_saw_the_fault(tmp_path):
             assert row["maxvio"] == pytest.approx(row["max_over_mean"] - 1)
             assert row["tpe_max"] == max(report.tokens_per_expert[report.per_layer.index(row)])
         assert "moe/all/maxvio_worst_layer" in report.scalars()
+    # Read back later, the run says so where users look: `analyze` and `compare` (subprocesses).
+    analyzed = cli("analyze", str(out), "--ep", "2")
+    assert analyzed.returncode == 0, analyzed.stderr
+    text = " ".join(analyzed.stdout.split())  # folded at the terminal's 80 columns
+    line = text[text.index("DISPATCH INTEGRITY VIOLATION"):]
+    assert line.startswith("DISPATCH INTEGRITY VIOLATION in iterations 9-12: dispatch_payload at layer 2")
+    assert "violations in 1 of 3 records" in line
+    compared = cli("compare", str(out), str(out))
+    assert compared.returncode == 0, compared.stderr
+    assert "integrity violation" in compared.stdout  # the status column
+    assert " ".join(compared.stdout.split()).count("DISPATCH INTEGRITY VIOLATION in iterations 9-12") == 2
+
+
+def test_run_summary_states_by_hand():
+    """One line per run from its records: violated beats unchecked beats clean; none without blocks."""
+    from helpers import make_report
+
+    def run(*blocks):
+        reports = []
+        for i, block in enumerate(blocks):
+            r = make_report(4 * (i + 1), steps=4)
+            if block is not None:
+                r.meta["extras"] = {"integrity": block}
+            reports.append(r)
+        return reports
+
+    def block(calls, violations=(), unchecked=()):
+        return {"ok": not violations, "count_calls": calls, "payload_calls": 0, "payload_every": 0,
+                "violation_count": len(violations), "violations": list(violations), "unchecked": list(unchecked),
+                "checked_layers": [1, 2]}
+
+    assert integrity_report.run_summary(run(None, None)) is None
+    clean = integrity_report.run_summary(run(block(8), block(8)))
+    assert clean["state"] == "clean" and "16 forwards count-checked" in clean["line"]
+    graphs = integrity_report.run_summary(run(block(8), block(0, unchecked=["layers 1,2: dispatch captured in a CUDA graph"])))
+    assert graphs["state"] == "unchecked" and "layers 1,2: dispatch captured" in graphs["line"]
+    bad = {"check": "dispatch_count", "layer": 2, "expert": 3, "rank": 1, "sent": 10, "received": 9, "difference": -1}
+    violated = integrity_report.run_summary(run(block(8), block(8, [bad]), block(8, [bad])))
+    assert violated["state"] == "violated" and violated["records"] == 2
+    assert "iterations 5-8" in violated["line"] and "layer 2, EP rank 1, expert 3" in violated["line"]
+    assert "2 of 3 records" in violated["line"]
 
 
 def test_checks_add_no_host_sync_or_collective():

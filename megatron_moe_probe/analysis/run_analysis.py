@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from megatron_moe_probe import integrity_report
 from megatron_moe_probe.analysis import a2a_cost, bands, domains, placement, whatif
 from megatron_moe_probe.analysis.runs import RunWindow, layer_imbalance
 from megatron_moe_probe.errors import UsageError
@@ -137,7 +138,8 @@ def analyze(window: RunWindow, options: AnalysisOptions = AnalysisOptions()) -> 
     return {
         "run": {"path": str(window.path), "num_experts": window.num_experts, "ep_size": window.ep_size,
                 "layers": window.layers, "first_step": window.first_step, "last_step": window.last_step,
-                "intervals": len(window.reports), "tokens": counts.sum((0, 2)).tolist()},
+                "intervals": len(window.reports), "tokens": counts.sum((0, 2)).tolist(),
+                "integrity": integrity_report.run_summary(window.reports)},
         "ep_whatif": {"per_expert_max_over_mean": imbalance["max_over_mean"]["window"],
                       "per_iteration": per_iteration is not None,
                       "by_ep": whatif.ep_scan(counts, eps, per_iteration)},

@@ -119,6 +119,10 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
         if row.get("status") == "environment limit":
             console.print(f"{Path(row['run']).name}: ENVIRONMENT LIMIT ({row['environment_limit']}): not performance "
                           "data, left out of the comparison")
+        summary = row.get("integrity")
+        if summary and summary["state"] != "clean":  # clean runs stay silent here
+            console.print(f"{Path(row['run']).name}: {summary['line']}", style="bold red" if summary["state"] == "violated"
+                          else "yellow", markup=False, highlight=False)
 
 
 LEGEND_KEYS = (("dispatcher", "{}"), ("ep", "EP={}"), ("data", "data={}"), ("ran", "ran {}"))

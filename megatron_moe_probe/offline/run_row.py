@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from megatron_moe_probe import integrity_report
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.record.names import COMPARE_STATS as STATS
 from megatron_moe_probe.record.names import TIMING_STATS
@@ -95,4 +96,8 @@ def with_runtime_proof(row: dict, meta: dict, reports: list) -> dict:
     row["status"] = "ok"
     if check["environment_limit"]:
         mark_environment_limit(row, check["environment_limit"])
+    # The exchange itself: a run whose dispatcher lost or misrouted rows is not comparable.
+    row["integrity"] = integrity_report.run_summary(reports)
+    if row["integrity"] and row["integrity"]["state"] == "violated" and row["status"] == "ok":
+        row["status"] = "integrity violation"
     return row
