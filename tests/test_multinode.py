@@ -10,19 +10,18 @@ import re
 import shlex
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 from megatron_moe_probe.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-CLI = [sys.executable, "-m", "megatron_moe_probe.cli"]
 RECIPE = "qwen3-30b-a3b"  # 2 nodes x 8 GPUs, EP 16
 
 
 def cli(*argv, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *argv], capture_output=True, text=True, env=env or ENV, timeout=300, cwd=ROOT)
+    return helpers.cli(*argv, env=env, timeout=300, cwd=ROOT)
 
 
 def expand(line: str, **variables) -> list[str]:
@@ -32,10 +31,7 @@ def expand(line: str, **variables) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli_main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+run_cli = helpers.cli_in_process
 
 
 def test_train_dry_run_prints_one_command_per_node(capsys):

@@ -17,6 +17,7 @@ import types
 
 import pytest
 
+from helpers import cli_in_process
 from megatron_moe_probe.cli import main as cli_main
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.availability import assumed, detect_backends, version_at_least
@@ -273,9 +274,7 @@ def test_gpu_names(name, hw):
 # --- CLI ------------------------------------------------------------------------------------------
 
 def run_cli(capsys, *argv):
-    rc = cli_main(["recommend", *argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return cli_in_process(capsys, "recommend", *argv)
 
 
 def test_cli_text_explains_and_gives_flags(capsys):

@@ -15,7 +15,7 @@ from typing import Callable
 
 from megatron_moe_probe.commands import print_json
 from megatron_moe_probe.errors import UsageError
-from megatron_moe_probe.selection.availability import Availability, assumed, parse_backend_list, detect_backends
+from megatron_moe_probe.selection.availability import availability_for
 from megatron_moe_probe.selection.card import BACKEND_IDS, Card, default_card
 from megatron_moe_probe.selection.hardware import Detected, detect_gpus, resolve_topology
 from megatron_moe_probe.selection.plan import ab_plan
@@ -277,10 +277,6 @@ def build_query(args: argparse.Namespace, card: Card, detector: Callable[[], Det
     )
 
 
-def availability_from_args(card: Card, assume: str | None) -> Availability:
-    return detect_backends(card) if assume is None else assumed(card, parse_backend_list(assume))
-
-
 def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected] = detect_gpus) -> Recommendation:
     """The full answer of `moe-probe recommend`: the decision plus, at performance, the A/B plan."""
     run_facts = None
@@ -292,7 +288,7 @@ def answer(args: argparse.Namespace, card: Card, detector: Callable[[], Detected
     if args.ep is None:
         raise UsageError("--ep is required (or --run RUN, whose records give it)")
     q = build_query(args, card, detector)
-    rec = recommend(q, card, availability_from_args(card, args.assume_installed))
+    rec = recommend(q, card, availability_for(card, args.assume_installed))
     if args.recipe is not None:
         _recipes().load_recipe(args.recipe)  # a typo fails here, not in the printed command
         recipe, notes = args.recipe, []

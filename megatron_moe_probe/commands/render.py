@@ -10,7 +10,7 @@ from pathlib import Path
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.recipes import all_recipe_specs, load_recipe, render_document
 from megatron_moe_probe.record import atomic_write_text
-from megatron_moe_probe.selection.availability import assumed, parse_backend_list, detect_backends
+from megatron_moe_probe.selection.availability import availability_for
 from megatron_moe_probe.selection.card import default_card
 
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise UsageError("name a recipe (moe-probe render --list shows them)")
     card = default_card()
-    availability = detect_backends(card) if args.assume_installed is None else assumed(card, parse_backend_list(args.assume_installed))
+    availability = availability_for(card, args.assume_installed)
     r = load_recipe(args.recipe)
     if args.format == "sbatch":
         from megatron_moe_probe.sbatch import recipe_script

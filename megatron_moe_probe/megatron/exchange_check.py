@@ -230,7 +230,9 @@ class ExchangeCheck:
         elif counts is not None:
             acc["sent_count"][slot] += counts * factor if factor != 1 else counts
         elif factor == 1:  # the routing map's column sums, added in place: one kernel where Triton runs
-            colsum.add_column_sums(acc.sent_rows[slot], d.routing_map, self.use_triton)
+            routing_map = d.routing_map
+            colsum.add_column_sums(acc.sent_rows[slot], routing_map,
+                                   self.use_triton and routing_map.dtype == torch.bool)  # compiled for bool maps
         else:
             acc["sent_count"][slot] += d.routing_map.sum(0) * factor
         state.sent_counts = counts

@@ -135,11 +135,11 @@ def validate_recipe_cells(cells: list[Cell], assume_installed: str | None) -> li
     """Render every recipe cell as `moe-probe train` would (recipe, forced dispatcher, availability
     gate, data): a cell that cannot start fails here, before anything trains. Returns one line per cell."""
     from megatron_moe_probe import recipes
-    from megatron_moe_probe.selection.availability import assumed, parse_backend_list, detect_backends
+    from megatron_moe_probe.selection.availability import availability_for
     from megatron_moe_probe.selection.card import default_card
 
     card = default_card()
-    availability = detect_backends(card) if assume_installed is None else assumed(card, parse_backend_list(assume_installed))
+    availability = availability_for(card, assume_installed)
     lines = []
     for cell in cells:
         r = recipes.load_recipe(cell.params["recipe"])

@@ -149,3 +149,9 @@ def assumed(card: Card, installed: set[str]) -> Availability:
         "assumed: transformer_engine >= %s" % card.permute_fusion.requires.min_version if fusion else "assumed: no transformer_engine >= %s" % card.permute_fusion.requires.min_version,
         source="assumed",
     )
+
+
+def availability_for(card: Card, assume_installed: str | None) -> Availability:
+    """What `--assume-installed` says the target has, else what this machine has: the one
+    reading of that flag for recommend, render and matrix."""
+    return detect_backends(card) if assume_installed is None else assumed(card, parse_backend_list(assume_installed))
