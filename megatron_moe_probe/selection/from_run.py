@@ -13,12 +13,12 @@ numbers into the lines `recommend` prints next to the card's answer.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
 from megatron_moe_probe.errors import UsageError
 from megatron_moe_probe.selection.card import Card
 from megatron_moe_probe.selection.recommend import Recommendation
+from megatron_moe_probe.values import nan_median
 
 # Below this maxvio (busiest rank 10% over the mean) imbalance is second-order: balancing buys
 # at most the busiest rank's excess, and the barrier already waits on it (card pitfall
@@ -28,11 +28,6 @@ SECOND_ORDER_MAXVIO = 0.10
 
 def _flag(command: list[str], name: str) -> str | None:
     return command[command.index(name) + 1] if name in command and command.index(name) + 1 < len(command) else None
-
-
-def _median(values: list[float]) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(vals) if vals else math.nan
 
 
 def read_run(path: str) -> dict[str, Any]:
@@ -62,7 +57,7 @@ def read_run(path: str) -> dict[str, Any]:
     positions = [reports[0].layers.index(n) for n in window.layers]
 
     def per_layer(stat: str) -> list[float]:
-        return [_median([r.per_layer[i].get(stat, math.nan) for r in reports]) for i in positions]
+        return [nan_median([r.per_layer[i].get(stat, math.nan) for r in reports]) for i in positions]
 
     counts = window.iteration_counts()
     basis = "iteration"
@@ -71,12 +66,12 @@ def read_run(path: str) -> dict[str, Any]:
     replication = replication_section(counts, window.ep_size, 1) if window.ep_size > 1 else None
     routing: dict[str, Any] = {
         "iterations": f"{window.first_step}-{window.last_step}",
-        "receiver_skew": _median(per_layer("receiver_skew")),
-        "inter_node_fraction": _median(per_layer("inter_node_fraction")),
+        "receiver_skew": nan_median(per_layer("receiver_skew")),
+        "inter_node_fraction": nan_median(per_layer("inter_node_fraction")),
         "maxvio_basis": basis,
-        "maxvio_static": _median([l["maxvio_static"] for l in replication["layers"]]) if replication else 0.0,
-        "maxvio_replicated": _median([l["maxvio_replicated"] for l in replication["layers"]]) if replication else 0.0,
-        "weights_moved_per_iteration": _median([l["weights_moved_per_iteration"] for l in replication["layers"]])
+        "maxvio_static": nan_median([l["maxvio_static"] for l in replication["layers"]]) if replication else 0.0,
+        "maxvio_replicated": nan_median([l["maxvio_replicated"] for l in replication["layers"]]) if replication else 0.0,
+        "weights_moved_per_iteration": nan_median([l["weights_moved_per_iteration"] for l in replication["layers"]])
         if replication else 0.0,
         "drift": _drift(window),
         "cost": _cost(window),
@@ -93,7 +88,7 @@ def _drift(window) -> float | None:
         return None
     section = drift_section(window, 2)
     last = section["from_first"][-1] if section.get("from_first") else []
-    value = _median([float(x) for x in last])
+    value = nan_median([float(x) for x in last])
     return None if math.isnan(value) else value
 
 
@@ -114,9 +109,9 @@ def _cost(window) -> dict | None:
         return None
     topk = section["settings"]["topk"]["value"]
     return {"source": row["source"], "ep": window.ep_size, "topk": topk,
-            "skewed_us": _median([x["skewed_us"] for x in row["layers"]]),
-            "balanced_us": _median([x["balanced_us"] for x in row["layers"]]),
-            "penalty": _median([x["penalty"] for x in row["layers"]]),
+            "skewed_us": nan_median([x["skewed_us"] for x in row["layers"]]),
+            "balanced_us": nan_median([x["balanced_us"] for x in row["layers"]]),
+            "penalty": nan_median([x["penalty"] for x in row["layers"]]),
             "fabric": section["fabric"]}
 
 
