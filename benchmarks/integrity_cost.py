@@ -6,7 +6,9 @@
 micro: the check's own hook bodies (megatron/exchange_check.py) and the router-health
 accumulator on one MoE layer of the Qwen3-30B-A3B shape (4096 tokens, hidden 2048, 128
 experts, top-8, bf16; 32768 dispatched rows), as the alltoall dispatcher hands them over:
-count check only, count + payload check, router health. Host time per layer call (issuing
+count check only, count + payload check, router health; and one side's row fingerprint alone,
+three ways (the int8 GEMM at width 8 as used, at width 32, and int32-word products), to choose
+a cheaper exact fingerprint. Host time per layer call (issuing
 the kernels) and GPU time (CUDA events around `--calls` calls), median and 95% interval of
 the median over `--repeats` samples, all in one process; beside them, a dense proxy of the
 same layer's expert GEMMs (fc1 2048x1536 and fc2 768x2048 over 32768 rows, forward only).
@@ -61,6 +63,7 @@ def _aten_ops(fn) -> int:
 def micro(out: str, repeats: int, calls: int) -> dict:
     import torch
 
+    from megatron_moe_probe.integrity import fingerprint_weights
     from megatron_moe_probe.megatron.exchange_check import ExchangeCheck, _Call
     from megatron_moe_probe.router_health import RouterHealthAccumulator
 
@@ -97,11 +100,28 @@ def micro(out: str, repeats: int, calls: int) -> dict:
         h = rows @ w1
         return h[:, :768] @ w2
 
+    # Candidates for a cheaper exact row fingerprint (one side of the payload check, 32768 rows):
+    # the int8 GEMM at the width in use (8), the same GEMM at width 32 (cuBLASLt's int8 kernels
+    # may want a wider N), and two lanes of wrapped int32 products of the rows' 32-bit words
+    # summed in int64 (exact modulo 2^64, a flipped bit always changes an odd weight's product).
+    as_bytes = rows.reshape(rows.shape[0], -1).view(torch.int8)
+    w8 = fingerprint_weights(as_bytes.shape[1], dev)
+    w32 = torch.cat([w8] * 4, 1).contiguous().t().contiguous().t()  # [B, 32], column-major like w8
+    words = rows.reshape(rows.shape[0], -1).view(torch.int32)
+    lanes = torch.randint(-2**30, 2**30, (2, words.shape[1]), generator=torch.Generator().manual_seed(1),
+                          dtype=torch.int32).to(dev) * 2 + 1  # odd
+
+    def words_fingerprint():
+        return torch.stack([(words * lane).sum(1, dtype=torch.int64) for lane in lanes], 1)
+
     variants = {
         "count_check": make(False),
         "count_and_payload_check": make(True),
         "router_health": lambda: health.record(0, logits, routing_map, topk=K, score_function="softmax"),
         "expert_gemms_forward_proxy": experts_proxy,
+        "fingerprint_int_mm_n8": lambda: torch._int_mm(as_bytes, w8),
+        "fingerprint_int_mm_n32": lambda: torch._int_mm(as_bytes, w32),
+        "fingerprint_int32_words_2_lanes": words_fingerprint,
     }
     cuda = dev.type == "cuda"
     ops = {name: _aten_ops(fn) for name, fn in variants.items()}  # also warms the weight cache
