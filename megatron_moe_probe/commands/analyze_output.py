@@ -13,6 +13,7 @@ from megatron_moe_probe.commands import save_figure
 from megatron_moe_probe.analysis.placement import STRATEGIES
 from megatron_moe_probe.values import format_or_dash as _fmt
 from megatron_moe_probe.values import nan_median
+from megatron_moe_probe.writers.console import pack_columns
 
 
 def _table(title: str, headers: list[str], caption: str | None = None, left: int = 1) -> Table:
@@ -52,13 +53,7 @@ def _fit_width(table: Table, width: int) -> list[Table]:
     while keys < len(columns) - 1 and columns[keys].justify == "left":
         keys += 1
     key_width = sum(need[:keys]) + keys - 1 + edges
-    chunks, used = [[]], key_width
-    for j in range(keys, len(columns)):
-        if chunks[-1] and used + 1 + need[j] > width:
-            chunks.append([])
-            used = key_width
-        chunks[-1].append(j)
-        used += 1 + need[j]
+    chunks = pack_columns([1 + n for n in need[keys:]], key_width, width, first=keys)
     parts = []
     for k, chunk in enumerate(chunks):
         part = Table(title=table.title if k == 0 else None, title_justify="left", box=box.SIMPLE_HEAD,

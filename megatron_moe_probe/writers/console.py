@@ -90,6 +90,21 @@ def table_rows(report: IntervalReport) -> list[list[str]]:
     ]
 
 
+def pack_columns(costs: list[int], base: int, width: int, first: int = 0) -> list[list[int]]:
+    """Columns first, first+1, ... (costs[k]: column first+k's width with its separator) in
+    consecutive groups that each fit `width` beside `base` (the repeated key columns); a group
+    holds at least one column, however wide."""
+    chunks: list[list[int]] = [[]]
+    used = base
+    for k, cost in enumerate(costs):
+        if chunks[-1] and used + cost > width:
+            chunks.append([])
+            used = base
+        chunks[-1].append(first + k)
+        used += cost
+    return chunks
+
+
 def column_chunks(headers: list[str], rows: list[list[str]], width: int) -> list[list[int]]:
     """Indices of columns 1.. (column 0, the key, is repeated in every part) in groups that each
     fit `width` characters with one space between columns: a table too wide for the terminal is
@@ -98,16 +113,7 @@ def column_chunks(headers: list[str], rows: list[list[str]], width: int) -> list
         header = max(len(line) for line in headers[j].splitlines())
         return max([header, *(len(r[j]) for r in rows)]) + 1
 
-    first = need(0) + 1
-    chunks: list[list[int]] = [[]]
-    used = first
-    for j in range(1, len(headers)):
-        if chunks[-1] and used + need(j) > width:
-            chunks.append([])
-            used = first
-        chunks[-1].append(j)
-        used += need(j)
-    return chunks
+    return pack_columns([need(j) for j in range(1, len(headers))], need(0) + 1, width, first=1)
 
 
 class ConsoleWriter:
