@@ -97,13 +97,10 @@ def cell_script(cell, nodes: int, gpus_per_node: int, log: Path, master_port: in
     if command[1:3] != ["-m", CLI_MODULE]:
         raise UsageError(f"cell {cell.name}: not a `moe-probe train` cell")
     command[0] = PYTHON
-    # srun sets the rendezvous for every task; the per-node torchrun flags do not apply.
     end = command.index("--") if "--" in command else len(command)
-    for flag in ("--node-rank", "--master-addr", "--master-port"):
-        if flag in command[:end]:
-            i = command.index(flag)
-            del command[i:i + 2]
-            end -= 2
+    if any(flag in command[:end] for flag in ("--node-rank", "--master-addr", "--master-port")):
+        # srun sets the rendezvous for every task (matrix.recipe_cells(per_node_rendezvous=False))
+        raise UsageError(f"cell {cell.name}: per-node rendezvous flags in a Slurm cell")
     return sbatch_script(command, job_name=f"moe-probe-{cell.name}", nodes=nodes, gpus_per_node=gpus_per_node,
                          env=getattr(cell, "env", None) or None, log=str(log),
                          master_port=master_port,

@@ -83,7 +83,8 @@ def cells_from(args: argparse.Namespace, out: Path) -> list[Cell]:
                                args.megatron_args,
                                dispatchers=_csv(args.dispatcher, "--dispatcher") if args.dispatcher else None,
                                assume_installed=args.assume_installed, node_rank=args.node_rank,
-                               master_addr=args.master_addr, master_port=args.master_port)
+                               master_addr=args.master_addr, master_port=args.master_port,
+                               per_node_rendezvous=not args.sbatch)
 
 
 def run(args: argparse.Namespace) -> int:

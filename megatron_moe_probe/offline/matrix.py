@@ -89,12 +89,14 @@ def demo_cells(out: Path, eps: list[int], dispatchers: list[str], data: list[str
 def recipe_cells(out: Path, targets: list[str], data: list[str], iters: int | None = None, repeat: int = 1,
                  megatron_args: list[str] | None = None, dispatchers: list[str] | None = None,
                  assume_installed: str | None = None, node_rank: int | None = None,
-                 master_addr: str | None = None, master_port: int | None = None) -> list[Cell]:
+                 master_addr: str | None = None, master_port: int | None = None,
+                 per_node_rendezvous: bool = True) -> list[Cell]:
     """GPU cells (`moe-probe train`): recipe x dispatcher x data; `data` entries are `recipe` or
     dataset prefixes; `dispatchers` are backend ids forced in every recipe (None: the recipe's own);
     `assume_installed` goes to every cell's `moe-probe train`. A recipe on several nodes gets this
     node's rank and node 0's address (the shell variables $NODE_RANK / $MASTER_ADDR when not given:
-    the printed commands then run on every node as they are, with those variables set)."""
+    the printed commands then run on every node as they are, with those variables set);
+    `per_node_rendezvous=False` leaves those flags out (Slurm's srun sets the rendezvous)."""
     from megatron_moe_probe.torchrun import MASTER_ADDR_VAR, NODE_RANK_VAR
     from megatron_moe_probe import recipes
     from megatron_moe_probe.dataset_files import require_dataset
@@ -116,7 +118,7 @@ def recipe_cells(out: Path, targets: list[str], data: list[str], iters: int | No
         name = target.replace(":", "-").replace("/", "_") + ("" if dispatcher is None else f"-{dispatcher}") + \
             ("" if prefix == "recipe" else f"-{Path(prefix).name}")
         nodes = loaded[target].parallelism.nodes
-        multi = [] if nodes == 1 else [
+        multi = [] if nodes == 1 or not per_node_rendezvous else [
             "--node-rank", NODE_RANK_VAR if node_rank is None else str(node_rank),
             "--master-addr", master_addr or MASTER_ADDR_VAR,
             *(["--master-port", str(master_port)] if master_port is not None else [])]
