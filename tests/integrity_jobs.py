@@ -233,18 +233,7 @@ def session_with_fault(rank, world, cfg, out_dir, steps, interval, fault_at, mod
             return out
 
         binding.dispatcher.__dict__["token_dispatch"] = faulty
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    it = 0
-    for it in range(1, steps + 1):
-        iteration[0] = it
-        optimizer.zero_grad()
-        session.start_step()
-        cc.forward_backward(model, jobs.batch(cfg, rank, it))
-        cc.allreduce_gradients(model)
-        optimizer.step()
-        session.after_step(it)
-        if session.stop_requested is not None:
-            break
+    it = jobs.train_steps(session, model, cfg, rank, steps, on_iteration=lambda i: iteration.__setitem__(0, i))
     session.close(it)
     return {"iterations": it, "stop": session.stop_requested, "errors": errors}
 

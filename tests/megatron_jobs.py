@@ -243,18 +243,31 @@ def session_run(rank, world, cfg, out_dir, steps, interval, timing, timing_every
     settings = ProbeSettings.create(interval, writers=["local"], out_dir=out_dir, timing=timing, gpus_per_node=1,
                                     timing_every=timing_every)
     session = open_session([model], settings, run_meta={"test": True}, writer=rank == world - 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     flushed = []
+    last = train_steps(session, model, cfg, rank, steps, on_report=flushed.append)
+    session.close(last)
+    return {"flushed": flushed, "reports": session.reports_written}
+
+
+def train_steps(session, model, cfg, rank: int, steps: int, on_iteration=None, on_report=None) -> int:
+    """Iterations 1..steps as a training loop drives a session (SGD, gradients all-reduced), until
+    a contributor asks training to stop; on_iteration(it) before each, on_report(it) after a
+    flush. Returns the last iteration run."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    it = 0
     for it in range(1, steps + 1):
+        if on_iteration is not None:
+            on_iteration(it)
         optimizer.zero_grad()
         session.start_step()
         cc.forward_backward(model, batch(cfg, rank, it))
         cc.allreduce_gradients(model)
         optimizer.step()
-        if session.after_step(it) is not None:
-            flushed.append(it)
-    session.close(steps)
-    return {"flushed": flushed, "reports": session.reports_written}
+        if session.after_step(it) is not None and on_report is not None:
+            on_report(it)
+        if session.stop_requested is not None:
+            break
+    return it
 
 
 def pipeline_layers(rank, world, cfg):
