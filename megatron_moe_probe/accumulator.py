@@ -147,10 +147,7 @@ class RoutingAccumulator:
         """Add one router call's [tokens, experts] boolean map to layer `slot`. `flag`: a call
         captured into a CUDA graph passes the gate's device flag (CountingGate.capture_flag), and
         every replay adds map x flag: nothing while no training iteration is open."""
-        if flag is None:
-            colsum.add_column_sums(self._current_rows[slot], routing_map, self.use_triton)
-        else:
-            self._current_rows[slot].add_(routing_map.sum(0) * flag)
+        colsum.add_column_sums(self._current_rows[slot], routing_map, self.use_triton, flag)
         if self._current_domain is not None:
             self._add_domains(slot, routing_map, flag)
 
@@ -159,13 +156,8 @@ class RoutingAccumulator:
         """Capacity path: the map before and after dropping. Kept = before & after is counted,
         before & ~after goes to the dropped counts; padding (after & ~before) is not counted.
         `flag` as in add_routing_map."""
-        if flag is None:
-            colsum.add_kept_and_dropped(self._current_rows[slot], self._current_dropped_rows[slot], before, after,
-                                        self.use_triton)
-        else:
-            kept = (before & after).sum(0)
-            self._current_rows[slot].add_(kept * flag)
-            self._current_dropped_rows[slot].add_((before.sum(0) - kept) * flag)
+        colsum.add_kept_and_dropped(self._current_rows[slot], self._current_dropped_rows[slot], before, after,
+                                    self.use_triton, flag)
         if self._current_domain is not None:
             self._add_domains(slot, before & after, flag)
 

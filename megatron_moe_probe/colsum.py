@@ -169,20 +169,28 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def add_column_sums(out: torch.Tensor, routing_map: torch.Tensor, use_triton: bool) -> None:
-    """out[E] (int64) += routing_map[T, E].sum(0)."""
-    if use_triton:
+def add_column_sums(out: torch.Tensor, routing_map: torch.Tensor, use_triton: bool,
+                    flag: torch.Tensor | None = None) -> None:
+    """out[E] (int64) += routing_map[T, E].sum(0). `flag` (a 0-d int64 device tensor): the sums
+    are multiplied by it, read when the work runs: for a call being captured into a CUDA graph,
+    whose replays must add nothing while the flag is 0 (the ATen ops, not the kernel)."""
+    if use_triton and flag is None:
         _launch(out, routing_map, None, None)
     else:
-        out.add_(routing_map.sum(0))
+        out.add_(_scaled(routing_map.sum(0), flag))
 
 
 def add_kept_and_dropped(kept_out: torch.Tensor, dropped_out: torch.Tensor, before: torch.Tensor,
-                         after: torch.Tensor, use_triton: bool) -> None:
-    """kept_out += (before & after).sum(0); dropped_out += (before & ~after).sum(0)."""
-    if use_triton:
+                         after: torch.Tensor, use_triton: bool, flag: torch.Tensor | None = None) -> None:
+    """kept_out += (before & after).sum(0); dropped_out += (before & ~after).sum(0); `flag` as in
+    add_column_sums."""
+    if use_triton and flag is None:
         _launch(kept_out, before, after, dropped_out)
     else:
         kept = (before & after).sum(0)
-        kept_out.add_(kept)
-        dropped_out.add_(before.sum(0) - kept)
+        kept_out.add_(_scaled(kept, flag))
+        dropped_out.add_(_scaled(before.sum(0) - kept, flag))
+
+
+def _scaled(sums: torch.Tensor, flag: torch.Tensor | None) -> torch.Tensor:
+    return sums if flag is None else sums * flag
