@@ -206,33 +206,32 @@ class ExchangeCheck:
         slot, acc = binding.slot, self.acc
         rows = out[0]
         factor = d.tp_size  # expert-TP peers each receive every row: they hold the same experts
+        allgather = type(d).__name__ == "MoEAllGatherTokenDispatcher"
+        padded = not allgather and d.drop_and_pad  # every expert gets `capacity` rows, padding included
         counts = None  # rows per global expert as sent, as a device tensor (payload iterations only)
-        if type(d).__name__ == "MoEAllGatherTokenDispatcher":
-            if state.payload:
+        if state.payload:
+            if allgather:
                 mask = d.routing_map.to(torch.int64)  # [T, E] of this rank's tokens
                 counts = mask.sum(0)
                 fp = row_fingerprints(rows).to(torch.float64)
                 acc["dispatch_sent"][slot] += (mask.t().to(torch.float64) @ fp).to(torch.int64) * factor
-        else:
-            if d.drop_and_pad:  # every expert gets `capacity` rows (padding included): known on the host
-                acc.host_counts["sent_count"][slot] += int(d.capacity) * factor
-                if state.payload:
-                    counts = self._full(acc.num_experts, int(d.capacity))
-            elif state.payload:
-                counts = d.routing_map.sum(0)  # int64
-            if state.payload:
+            else:
+                counts = self._full(acc.num_experts, int(d.capacity)) if padded else d.routing_map.sum(0)
                 sums = segment_sums(row_fingerprints(rows), counts)
                 acc["dispatch_sent"][slot] += sums * factor if factor != 1 else sums
+        if not allgather:
             acc.rows_dispatched[slot] += int(rows.shape[0])
-        padded = type(d).__name__ != "MoEAllGatherTokenDispatcher" and d.drop_and_pad
+        # The sent counts: host arithmetic where they are known there, else the sums above, else
+        # the routing map's column sums added in place (one kernel where Triton runs; compiled
+        # for bool maps).
         if padded:
-            pass  # added on the host above
+            acc.host_counts["sent_count"][slot] += int(d.capacity) * factor
         elif counts is not None:
             acc["sent_count"][slot] += counts * factor if factor != 1 else counts
-        elif factor == 1:  # the routing map's column sums, added in place: one kernel where Triton runs
+        elif factor == 1:
             routing_map = d.routing_map
             colsum.add_column_sums(acc.sent_rows[slot], routing_map,
-                                   self.use_triton and routing_map.dtype == torch.bool)  # compiled for bool maps
+                                   self.use_triton and routing_map.dtype == torch.bool)
         else:
             acc["sent_count"][slot] += d.routing_map.sum(0) * factor
         state.sent_counts = counts
@@ -247,15 +246,13 @@ class ExchangeCheck:
         rows, tokens_per_expert = out[0], out[1]
         lo = d.local_expert_indices[0]
         hi = lo + len(d.local_expert_indices)
-        on_device = isinstance(tokens_per_expert, torch.Tensor) and tokens_per_expert.device.type != "cpu"
-        if on_device:
-            per_local = tokens_per_expert.to(torch.int64)
+        per_local = torch.as_tensor(tokens_per_expert)
+        if per_local.device.type == "cpu":  # Megatron moved them to the host (and synchronized): add there
+            self.acc.host_counts["received_count"][binding.slot, lo:hi] += per_local
+        else:
             self.acc["received_count"][binding.slot, lo:hi] += per_local
-        else:  # Megatron moved its counts to the host (and synchronized) for the experts: add them there
-            self.acc.host_counts["received_count"][binding.slot, lo:hi] += torch.as_tensor(tokens_per_expert)
         if state.payload:
-            if not on_device:
-                per_local = torch.as_tensor(tokens_per_expert).to(self.device, torch.int64, non_blocking=True)
+            per_local = per_local.to(self.device, torch.int64, non_blocking=True)
             self.acc["dispatch_received"][binding.slot, lo:hi] += segment_sums(row_fingerprints(rows), per_local)
 
     def _combine_preprocess(self, binding, d, state: _Call, args, out) -> None:
