@@ -13,7 +13,7 @@ from megatron_moe_probe.commands import save_figure
 from megatron_moe_probe.analysis.placement import STRATEGIES
 from megatron_moe_probe.values import format_or_dash as _fmt
 from megatron_moe_probe.values import nan_median
-from megatron_moe_probe.writers.console import pack_columns
+from megatron_moe_probe.writers.console import pack_columns, print_integrity
 
 
 def _table(title: str, headers: list[str], caption: str | None = None, left: int = 1) -> Table:
@@ -74,19 +74,12 @@ def print_result(result: dict, show_mapping: bool = False, console: Console | No
     console.print(f"[bold]{run['path']}[/bold]: {run['num_experts']} experts, EP={run['ep_size']}, "
                   f"layers {', '.join(map(str, run['layers']))}, iterations {run['first_step']}-{run['last_step']} "
                   f"({run['intervals']} intervals)")
-    integrity_line(console, run.get("integrity"))
+    print_integrity(console, run.get("integrity"))
     for section in (_whatif, _matrix_check, _bands, _placement, _replication, _cost, _domains, _cross_domain, _drift,
                     _against, _sweep):
         for item in section(result, show_mapping):
             for part in _fit_width(item, console.width) if isinstance(item, Table) else [item]:
                 console.print(part)
-
-
-def integrity_line(console: Console, summary: dict | None) -> None:
-    """The run's dispatch integrity in one line: red where the exchange went wrong."""
-    if summary:
-        style = {"violated": "bold red", "unchecked": "yellow"}.get(summary["state"], "green")
-        console.print(summary["line"], style=style, markup=False, highlight=False)
 
 
 def _whatif(result: dict, _) -> list:

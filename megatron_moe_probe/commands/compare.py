@@ -90,7 +90,7 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from megatron_moe_probe.writers.console import column_chunks
+    from megatron_moe_probe.writers.console import column_chunks, print_integrity
 
     console = console or Console()
     columns = COLUMNS + (WIDE_COLUMNS if wide else [])
@@ -121,8 +121,7 @@ def print_table(rows: list[dict], wide: bool = False, console=None) -> None:
                           "data, left out of the comparison")
         summary = row.get("integrity")
         if summary and summary["state"] != "clean":  # clean runs stay silent here
-            console.print(f"{Path(row['run']).name}: {summary['line']}", style="bold red" if summary["state"] == "violated"
-                          else "yellow", markup=False, highlight=False)
+            print_integrity(console, summary, prefix=f"{Path(row['run']).name}: ")
 
 
 LEGEND_KEYS = (("dispatcher", "{}"), ("ep", "EP={}"), ("data", "data={}"), ("ran", "ran {}"))

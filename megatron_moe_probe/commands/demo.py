@@ -98,10 +98,10 @@ def final_report(out: Path, console) -> int:
                       f"{worst:.2f}", f"{last['gini']:.3f}", f"{last['entropy']:.3f}", f"{last['dead_experts']:.0f}",
                       f"{last['rank_max_over_mean']:.3f}", f"{remote / max(last['tokens'], 1):.0%}")
     console.print(table)
-    from megatron_moe_probe.commands.analyze_output import integrity_line
     from megatron_moe_probe.integrity_report import run_summary
+    from megatron_moe_probe.writers.console import print_integrity
 
-    integrity_line(console, run_summary(reports))
+    print_integrity(console, run_summary(reports))
     try:
         plot = plot_run(out, reports)
     except OSError as exc:  # a full disk at the very end: the records are written, say so and go on

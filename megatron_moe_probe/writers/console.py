@@ -105,6 +105,14 @@ def pack_columns(costs: list[int], base: int, width: int, first: int = 0) -> lis
     return chunks
 
 
+def print_integrity(console: Any, summary: dict | None, prefix: str = "") -> None:
+    """A run's dispatch integrity (integrity_report.run_summary) in one line: red where the
+    exchange went wrong, yellow where part of it went unchecked."""
+    if summary:
+        style = {"violated": "bold red", "unchecked": "yellow"}.get(summary["state"], "green")
+        console.print(prefix + summary["line"], style=style, markup=False, highlight=False)
+
+
 def column_chunks(headers: list[str], rows: list[list[str]], width: int) -> list[list[int]]:
     """Indices of columns 1.. (column 0, the key, is repeated in every part) in groups that each
     fit `width` characters with one space between columns: a table too wide for the terminal is
