@@ -169,19 +169,15 @@ def check(records: list[dict], tokens_per_iteration: int) -> tuple[str, list[str
 
 
 def integrity_summary(records: list[dict]) -> str:
-    """The dispatch integrity check's verdicts over a mode's records (issue 23): clean, violated,
-    or not checked (and why), with the forwards it checked."""
-    blocks = [r.get("integrity") for r in records]
-    if not any(blocks):
-        return "integrity: no block (check off)"
-    b = [x for x in blocks if x]
-    violations = sum(x["violation_count"] for x in b)
-    calls = sum(x["count_calls"] for x in b)
-    payload = sum(x["payload_calls"] for x in b)
-    unchecked = sorted({u for x in b for u in x.get("unchecked", [])})
-    state = "VIOLATED" if violations else ("clean" if calls else "NOT CHECKED")
-    text = f"integrity {state}: {violations} violations, {calls} count-checked / {payload} payload-checked forwards"
-    return text + (f"; unchecked: {', '.join(unchecked)}" if unchecked else "")
+    """The dispatch integrity check's verdicts over a mode's records (issue 23), in the line the
+    demo and `analyze` print for a run (clean / unchecked and why / the first violation)."""
+    from types import SimpleNamespace
+
+    from megatron_moe_probe.integrity_report import run_summary
+
+    summary = run_summary([SimpleNamespace(meta={"extras": {"integrity": r.get("integrity")}}, step=r["step"],
+                                           steps=r["steps"]) for r in records])
+    return summary["line"] if summary else "dispatch integrity: no block (check off)"
 
 
 def main(argv=None) -> int:
